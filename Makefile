@@ -1,0 +1,45 @@
+# Set-up is two commands: `make demo` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# Offline first: never wait on the Hub in the demo or the tests.
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+
+.PHONY: install install-test demo finetune-demo test test-slow bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(PIP) install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+# The main job: pretrain a small GPT-2 from scratch on local Python code (runs/codeparrot-local/).
+demo: install
+	$(VENV)/bin/lmtune train recipes/codeparrot-local.yaml --overwrite
+
+# The fine-tuning workflow on top of the demo's model (runs/codeparrot-local-stdlib-ft/).
+finetune-demo: install
+	$(VENV)/bin/lmtune train recipes/clm-finetune-stdlib-local.yaml --overwrite
+
+test: install-test
+	$(PY) -m pytest -q
+
+test-slow: install-test
+	$(PY) -m pytest -q -m slow
+
+bench: install
+	$(PY) benchmarks/prep.py
+	$(PY) benchmarks/train_clm.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

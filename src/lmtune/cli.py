@@ -1,0 +1,216 @@
+"""`lmtune` verbs: train, eval, predict, tokenizer.
+
+Exit codes: 0 done; 2 the input is wrong (one sentence on stderr, no traceback); 1 a fault of ours
+(traceback printed and kept in the run's train.log); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from lmtune.errors import InputError
+
+log = logging.getLogger("lmtune")
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("lmtune: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+    # The libraries' own chatter (Hub warnings, "generation flags" notices) is not for the user.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+
+
+# --------------------------------------------------------------------------------------------------
+# Verbs
+
+
+def cmd_train(args) -> int:
+    from lmtune.config import load_recipe
+    from lmtune.run import train
+
+    cfg = load_recipe(args.recipe, args.set)
+    run_dir = Path(args.output) if args.output else Path(cfg.output.dir) / cfg.name
+    done = train(cfg, run_dir, overwrite=args.overwrite, resume=args.resume)
+    metrics = json.loads((done / "metrics.json").read_text())
+    print(json.dumps({"run_dir": str(done), "before": metrics["before"], "after": metrics["after"]}))
+    return 0
+
+
+def _model_dir(path: str) -> str:
+    p = Path(path)
+    return str(p / "model") if (p / "model" / "config.json").is_file() else path
+
+
+def cmd_eval(args) -> int:
+    from lmtune.config import SourceConfig
+    from lmtune.data.packing import prepare_blocks
+    from lmtune.data.sources import load_corpus
+    from lmtune.modeling import check_block_size
+    from lmtune.tasks import clm
+
+    try:
+        src = SourceConfig(path=args.data, text_field=args.text_field, txt_unit=args.txt_unit)
+    except ValueError as exc:
+        raise InputError(f"--data: {exc}") from None
+    model, tokenizer = clm.load_for_inference(_model_dir(args.model))
+    check_block_size(model.config, args.block_size, "--block-size")
+    corpus = load_corpus(src, "--data")
+    blocks, _ = prepare_blocks(corpus.texts, corpus.fingerprint, tokenizer, args.block_size, args.packing)
+    if len(blocks) == 0:
+        raise InputError(f"--data yields no full block of {args.block_size} tokens; lower --block-size or add text.")
+    if args.max_blocks:
+        blocks = blocks[: args.max_blocks]
+    print(json.dumps(clm.evaluate(model, blocks, args.batch_size)))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from lmtune.tasks import clm
+
+    prompts = list(args.prompts)
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise InputError(f"--file '{path}' does not exist; give a text file with one prompt per line.")
+        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise InputError("no prompt given; pass one or more prompts, e.g. lmtune predict RUN \"import pandas\".")
+    model, tokenizer = clm.load_for_inference(_model_dir(args.run))
+    completions = clm.generate(
+        model, tokenizer, prompts, args.max_new_tokens, do_sample=args.temperature > 0 and not args.greedy,
+        temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
+        num_return_sequences=args.num_return_sequences, seed=args.seed,
+    )
+    for prompt, outs in zip(prompts, completions):
+        print(json.dumps({"prompt": prompt, "completions": outs}, ensure_ascii=False))
+    return 0
+
+
+def cmd_tokenizer_train(args) -> int:
+    from lmtune.config import SourceConfig
+    from lmtune.data.sources import load_corpus
+    from lmtune.tokenizer import train_bpe_tokenizer
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise InputError(f"--out '{out}' already exists; pass --overwrite or choose another folder.")
+    try:
+        if args.data == ["python-code"]:
+            src = SourceConfig(type="python-code", keywords=args.keywords or [])
+        else:
+            src = SourceConfig(path=args.data, text_field=args.text_field, txt_unit=args.txt_unit,
+                               keywords=args.keywords or [])
+    except ValueError as exc:
+        raise InputError(f"--data: {exc}") from None
+    corpus = load_corpus(src, "--data")
+    log.info(corpus.stats.summary("--data"))
+    tokenizer = train_bpe_tokenizer(corpus.texts, args.vocab_size, args.min_frequency, args.max_bytes,
+                                    show_progress=sys.stderr.isatty())
+    tmp = out.with_name(f".{out.name}.partial")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(str(tmp))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    print(json.dumps({"out": str(out), "vocab_size": len(tokenizer)}))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Parser
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own usage errors are input errors too: exit 2, one line
+        raise InputError(f"{self.prog}: {message} (see --help).")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="lmtune", description="Adapt language models with the Hugging Face stack.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="run a recipe: prepare data, train, evaluate before/after, save")
+    t.add_argument("recipe")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
+    t.add_argument("--output", help="the run dir (default: <output.dir>/<name>)")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run dir (only once this run ends)")
+    g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="perplexity of a run's (or any) model on some text")
+    e.add_argument("model", help="a run dir or a model folder / Hub id")
+    e.add_argument("--data", nargs="+", required=True)
+    e.add_argument("--text-field", default="text")
+    e.add_argument("--txt-unit", default="file", choices=["file", "line", "paragraph"])
+    e.add_argument("--block-size", type=int, default=128)
+    e.add_argument("--packing", default="concat", choices=["concat", "overflow"])
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--max-blocks", type=int)
+    e.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("predict", help="complete prompts with a run's model")
+    pr.add_argument("run", help="a run dir or a model folder")
+    pr.add_argument("prompts", nargs="*")
+    pr.add_argument("--file", help="more prompts, one per line")
+    pr.add_argument("--max-new-tokens", type=int, default=64)
+    pr.add_argument("--temperature", type=float, default=0.0, help="0 means greedy decoding")
+    pr.add_argument("--top-k", type=int, default=50)
+    pr.add_argument("--top-p", type=float, default=1.0)
+    pr.add_argument("--num-return-sequences", type=int, default=1)
+    pr.add_argument("--greedy", action="store_true")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.set_defaults(func=cmd_predict)
+
+    tk = sub.add_parser("tokenizer", help="tokenizer tools")
+    tks = tk.add_subparsers(dest="tokenizer_verb", required=True, parser_class=_Parser)
+    tt = tks.add_parser("train", help="train a byte-level BPE tokenizer")
+    tt.add_argument("--data", nargs="+", required=True, help="files/folders/globs, or 'python-code'")
+    tt.add_argument("--text-field", default="text")
+    tt.add_argument("--txt-unit", default="file", choices=["file", "line", "paragraph"])
+    tt.add_argument("--keywords", nargs="*")
+    tt.add_argument("--vocab-size", type=int, default=8192)
+    tt.add_argument("--min-frequency", type=int, default=2)
+    tt.add_argument("--max-bytes", type=int)
+    tt.add_argument("--out", required=True)
+    tt.add_argument("--overwrite", action="store_true")
+    tt.set_defaults(func=cmd_tokenizer_train)
+    return p
+
+
+def _check_numbers(args) -> None:
+    for name in ("block_size", "batch_size", "max_new_tokens", "num_return_sequences", "vocab_size", "max_blocks"):
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be positive (got {value}).")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        _check_numbers(args)
+        _setup_logging(args.verbose)
+        return args.func(args)
+    except InputError as exc:
+        print(f"lmtune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmtune: interrupted; continue a training run with `lmtune train RECIPE --resume`.", file=sys.stderr)
+        return 130

@@ -1,0 +1,303 @@
+"""Typed recipe schema, validated at load.
+
+Precedence: schema defaults < recipe YAML < ``--set key=value`` overrides. Unknown keys are rejected
+with the closest valid name; every problem is reported in one message.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lmtune.errors import InputError
+
+DEFAULT_CODE_KEYWORDS = ["pandas", "sklearn", "matplotlib", "seaborn"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(Section):
+    """Where raw documents come from."""
+
+    type: Literal["auto", "files", "hub", "python-code"] = "auto"
+    path: str | list[str] | None = Field(
+        None, description="File, folder, glob (or a list of them), or a Hub dataset id."
+    )
+    text_field: str = Field("text", description="Field holding the text; dotted for nested ('answers.text').")
+    txt_unit: Literal["file", "line", "paragraph"] = Field(
+        "file", description="For .txt files: one document per file, per line, or per blank-line paragraph."
+    )
+    split: str = Field("train", description="Hub split, slicing allowed: 'train[:5000]'.")
+    config_name: str | None = Field(None, description="Hub dataset configuration (subset).")
+    keywords: list[str] = Field(default_factory=list, description="Keep only documents mentioning them.")
+    keyword_mode: Literal["any", "none"] = Field(
+        "any", description="'any': keep documents containing a keyword; 'none': keep those containing none."
+    )
+    roots: list[Literal["stdlib", "site-packages"]] = Field(
+        default_factory=lambda: ["stdlib", "site-packages"], description="python-code: where to harvest .py files."
+    )
+    max_documents: int | None = Field(None, gt=0)
+    streaming: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> SourceConfig:
+        if self.type != "python-code" and not self.path:
+            raise ValueError("a path (file, folder, glob or Hub id) is required unless type is 'python-code'")
+        if self.type == "python-code" and not self.keywords and self.keyword_mode == "any":
+            self.keywords = list(DEFAULT_CODE_KEYWORDS)
+        return self
+
+    @property
+    def paths(self) -> list[str]:
+        if self.path is None:
+            return []
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+
+class DataConfig(Section):
+    train: SourceConfig
+    validation: SourceConfig | None = None
+    validation_fraction: float = Field(0.1, gt=0, lt=1, description="Held out when no validation source is given.")
+    split_seed: int = 42
+    block_size: int = Field(128, ge=2)
+    packing: Literal["concat", "overflow"] = Field(
+        "concat",
+        description="'concat': join documents (EOS between) and cut into blocks; "
+        "'overflow': per-document chunks, only full-length ones kept.",
+    )
+    max_validation_blocks: int | None = Field(None, gt=0)
+
+
+class FromScratchConfig(Section):
+    architecture: Literal["gpt2", "llama"] = "gpt2"
+    n_layer: int = Field(4, ge=1)
+    n_head: int = Field(4, ge=1)
+    n_embd: int = Field(256, ge=8)
+    n_positions: int | None = Field(None, ge=2, description="Context length; defaults to data.block_size.")
+    intermediate_size: int | None = Field(None, ge=8, description="Llama only; defaults to 4*n_embd... rounded.")
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> FromScratchConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        return self
+
+
+class ModelConfig(Section):
+    name_or_path: str | None = Field(None, description="Pretrained Hub id or local folder.")
+    from_scratch: FromScratchConfig | None = None
+    tokenizer: str | None = Field(None, description="Tokenizer id/folder when it differs from the model's.")
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> ModelConfig:
+        if (self.name_or_path is None) == (self.from_scratch is None):
+            raise ValueError("set exactly one of model.name_or_path (pretrained) and model.from_scratch")
+        return self
+
+
+class TokenizerConfig(Section):
+    """Train a new byte-level BPE tokenizer on the training corpus."""
+
+    train: bool = False
+    vocab_size: int = Field(8192, description="Includes the 256 byte symbols and the special tokens.")
+    min_frequency: int = Field(2, ge=1)
+    max_training_bytes: int | None = Field(None, gt=0, description="Train on at most this much text.")
+
+    @model_validator(mode="after")
+    def _vocab_large_enough(self) -> TokenizerConfig:
+        from lmtune.tokenizer import MIN_VOCAB_SIZE
+
+        if self.vocab_size < MIN_VOCAB_SIZE:
+            raise ValueError(
+                f"vocab_size {self.vocab_size} is too small: byte-level BPE needs at least {MIN_VOCAB_SIZE} "
+                "(256 bytes + special tokens); use e.g. 8192"
+            )
+        return self
+
+
+class LossConfig(Section):
+    type: Literal["cross_entropy", "keytoken"] = "cross_entropy"
+    keywords: list[str] = Field(
+        default_factory=lambda: ["plt", "pd", "sk", "fit", "predict", " plt", " pd", " sk", " fit", " predict"],
+        description="keytoken: words whose single-token ids up-weight a sample.",
+    )
+    alpha: float = Field(1.0, gt=0)
+
+
+class TrainingConfig(Section):
+    learning_rate: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: float = Field(0, ge=0, description="Steps, or a fraction of all steps when below 1.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    batch_size: int = Field(8, ge=1, description="Per-device training batch size.")
+    eval_batch_size: int | None = Field(None, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    num_epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="Overrides num_epochs when positive.")
+    eval_strategy: Literal["no", "steps", "epoch"] = "no"
+    eval_steps: int | None = Field(None, ge=1)
+    logging_steps: int = Field(10, ge=1)
+    save_strategy: Literal["no", "steps", "epoch"] = "steps"
+    save_steps: int = Field(500, ge=1)
+    save_total_limit: int | None = Field(2, ge=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 where the hardware runs it natively, else fp32."
+    )
+    seed: int = 42
+    max_grad_norm: float = Field(1.0, ge=0)
+    dataloader_num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _eval_steps(self) -> TrainingConfig:
+        if self.eval_strategy == "steps" and self.eval_steps is None:
+            raise ValueError("eval_strategy 'steps' needs eval_steps")
+        return self
+
+
+class GenerationConfig(Section):
+    prompts: list[str] = Field(default_factory=list, description="Completed after training; saved in metrics.json.")
+    max_new_tokens: int = Field(64, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(50, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    num_return_sequences: int = Field(1, ge=1)
+
+
+class OutputConfig(Section):
+    dir: str = Field("runs", description="Parent folder of run dirs.")
+
+
+class RecipeConfig(Section):
+    task: Literal["clm"] = "clm"
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    description: str = ""
+    model: ModelConfig
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    data: DataConfig
+    loss: LossConfig = Field(default_factory=LossConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RecipeConfig:
+        if self.tokenizer.train and self.model.name_or_path is not None:
+            raise ValueError("tokenizer.train needs model.from_scratch: a pretrained model keeps its own tokenizer")
+        if self.model.from_scratch is not None and not self.tokenizer.train and self.model.tokenizer is None:
+            raise ValueError("a model from scratch needs a tokenizer: set tokenizer.train: true or model.tokenizer")
+        fs = self.model.from_scratch
+        if fs is not None and fs.n_positions is not None and fs.n_positions < self.data.block_size:
+            raise ValueError(
+                f"data.block_size {self.data.block_size} exceeds model.from_scratch.n_positions {fs.n_positions}"
+            )
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and error reporting
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'training.learning_rate=1e-4' -> (['training', 'learning_rate'], 0.0001); values are YAML."""
+    if "=" not in text:
+        raise InputError(f"--set '{text}' is not of the form key=value (e.g. --set training.max_steps=100).")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise InputError(f"--set '{text}' has an empty key; write e.g. --set training.max_steps=100.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def _model_at(loc: tuple, root: type[BaseModel] = RecipeConfig) -> type[BaseModel] | None:
+    """The schema class that owns the field at `loc` (for suggesting a valid key)."""
+    import typing
+
+    current: Any = root
+    for part in loc[:-1]:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return None
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        current = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)),
+            None,
+        )
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _describe(error: dict) -> str:
+    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p in {"str", "list[str]"}))
+    where = ".".join(str(p) for p in loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        owner = _model_at(loc)
+        valid = list(owner.model_fields) if owner else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?" if close else (
+            f"valid keys here: {', '.join(valid)}" if valid else "remove it"
+        )
+        return f"unknown key '{where}' ({hint})"
+    if error["type"] == "missing":
+        return f"'{where}' is required"
+    msg = error["msg"].removeprefix("Value error, ")
+    return f"'{where}': {msg} (got {error.get('input')!r})" if loc else msg
+
+
+def validate_recipe(raw: Any, origin: str = "recipe") -> RecipeConfig:
+    if not isinstance(raw, dict):
+        raise InputError(f"{origin} must be a YAML mapping of sections (task, model, data, ...), not {type(raw).__name__}.")
+    try:
+        return RecipeConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(e) for e in exc.errors()]
+        # Deduplicate while keeping order: unions can report one problem per branch.
+        problems = list(dict.fromkeys(problems))
+        raise InputError(f"{origin} is invalid: " + "; ".join(problems) + ".") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"recipe '{path}' does not exist; give the path of a YAML recipe (see recipes/).")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise InputError(f"recipe '{path}' is not valid YAML{line}; fix the syntax there.") from None
+    if raw is None:
+        raise InputError(f"recipe '{path}' is empty; see recipes/ for examples.")
+    if isinstance(raw, dict) and overrides:
+        raw = apply_overrides(raw, overrides)
+    return validate_recipe(raw, origin=f"recipe '{path}'")

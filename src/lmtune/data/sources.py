@@ -1,0 +1,464 @@
+"""Raw documents from files, folders, globs, the Hub, or the running Python's own source code.
+
+Every source yields plain strings (one per document). Problems in the user's data become one
+`InputError` sentence naming the file (and line), the field, and the fix.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+import sys
+import sysconfig
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmtune.config import SourceConfig
+from lmtune.errors import InputError
+
+log = logging.getLogger("lmtune")
+
+TEXT_SUFFIXES = {".txt", ".text", ".md", ".py", ".rst"}
+TABLE_SUFFIXES = {".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet"}
+SUPPORTED = TEXT_SUFFIXES | TABLE_SUFFIXES
+
+
+@dataclass
+class SourceStats:
+    """What a source read, kept and skipped; printed so the user sees what the model trains on."""
+
+    files_seen: int = 0
+    files_kept: int = 0
+    bytes_seen: int = 0
+    bytes_kept: int = 0
+    documents: int = 0
+    undecodable: list[str] = field(default_factory=list)
+    filtered_out: int = 0
+
+    def summary(self, label: str) -> str:
+        parts = [f"{label}: {self.documents:,} documents"]
+        if self.files_seen:
+            parts.append(
+                f"from {self.files_kept:,} of {self.files_seen:,} files "
+                f"({self.bytes_kept / 1e6:.1f} MB of {self.bytes_seen / 1e6:.1f} MB)"
+            )
+        if self.filtered_out:
+            parts.append(f"{self.filtered_out:,} removed by the keyword filter")
+        if self.undecodable:
+            parts.append(f"{len(self.undecodable):,} skipped as not UTF-8 (first: {self.undecodable[0]})")
+        return ", ".join(parts)
+
+
+@dataclass
+class Corpus:
+    texts: list[str]
+    stats: SourceStats
+    fingerprint: str  # content hash: equal corpora share caches
+
+
+# --------------------------------------------------------------------------------------------------
+# Small pure helpers
+
+
+def suffix_of(path: Path) -> str:
+    """'.jsonl' for 'a.jsonl.gz' as well as 'a.jsonl'."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
+
+
+def get_field(record: Any, dotted: str) -> Any:
+    """Follow 'answers.text' through dicts; across a list, collect the field from each element."""
+    value = record
+    for key in dotted.split("."):
+        if isinstance(value, dict):
+            if key not in value:
+                raise KeyError(key)
+            value = value[key]
+        elif isinstance(value, list):
+            value = [v[key] for v in value if isinstance(v, dict) and key in v]
+        else:
+            raise KeyError(key)
+    return value
+
+
+def text_of(value: Any) -> str | None:
+    """Strings as they are; (nested) lists of strings flattened and joined with spaces, as the ELI5
+    tutorial does with `answers.text`. Anything else is a type error."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list | tuple):
+        parts = [text_of(v) for v in value]
+        return " ".join(p for p in parts if p)
+    raise TypeError(type(value).__name__)
+
+
+def split_txt(text: str, unit: str) -> list[str]:
+    if unit == "file":
+        return [text] if text.strip() else []
+    if unit == "line":
+        return [line for line in text.splitlines() if line.strip()]
+    paragraphs = [p.strip("\n") for p in text.replace("\r\n", "\n").split("\n\n")]
+    return [p for p in paragraphs if p.strip()]
+
+
+def keep_by_keywords(text: str, keywords: list[str], mode: str) -> bool:
+    if not keywords:
+        return True
+    hit = any(k in text for k in keywords)
+    return hit if mode == "any" else not hit
+
+
+def fingerprint_texts(texts: Iterable[str], salt: str = "") -> str:
+    digest = hashlib.sha256(salt.encode())
+    for text in texts:
+        data = text.encode("utf-8", "surrogatepass")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()[:24]
+
+
+def split_train_validation(texts: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """A seeded document-level split: the same seed always holds out the same documents."""
+    n = len(texts)
+    if n < 2:
+        raise InputError(
+            f"only {n} document(s): cannot hold out a validation split; add documents or set data.validation."
+        )
+    n_val = min(n - 1, max(1, round(n * fraction)))
+    order = np.random.default_rng(seed).permutation(n)
+    val_idx = set(order[:n_val].tolist())
+    train = [t for i, t in enumerate(texts) if i not in val_idx]
+    val = [texts[i] for i in sorted(val_idx)]
+    return train, val
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+
+
+def expand_paths(patterns: list[str], where: str) -> list[Path]:
+    """Files named directly, found recursively under folders, or matched by globs; sorted, unique."""
+    found: list[Path] = []
+    for pattern in patterns:
+        path = Path(pattern).expanduser()
+        if any(ch in pattern for ch in "*?["):
+            matches = [Path(p) for p in glob.glob(str(path), recursive=True)]
+            files = [m for m in matches if m.is_file()]
+            if not files:
+                raise InputError(f"{where}: the glob '{pattern}' matches no file; check the pattern.")
+            found.extend(sorted(files))
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and suffix_of(p) in SUPPORTED)
+            if not files:
+                raise InputError(
+                    f"{where}: the folder '{pattern}' holds no supported file "
+                    f"({', '.join(sorted(SUPPORTED))}); check the path."
+                )
+            found.extend(files)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise InputError(f"{where}: '{pattern}' does not exist; give an existing file, folder or glob.")
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    for p in unique:
+        if suffix_of(p) not in SUPPORTED:
+            raise InputError(
+                f"{where}: '{p}' has an unsupported type '{suffix_of(p) or '(none)'}'; "
+                f"use one of {', '.join(sorted(SUPPORTED))}."
+            )
+    return unique
+
+
+def read_bytes(path: Path, where: str) -> bytes:
+    try:
+        data = path.read_bytes()
+        if path.suffix.lower() == ".gz":
+            data = gzip.decompress(data)
+        return data
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(f"{where}: cannot read '{path}' ({exc}); check the file.") from None
+
+
+def decode(data: bytes) -> str | None:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _record_text(record: Any, text_field: str, location: str, where: str) -> str | None:
+    if not isinstance(record, dict):
+        raise InputError(
+            f"{where}: {location} is a {type(record).__name__}, not an object with a '{text_field}' field; "
+            "each record must be a JSON object."
+        )
+    try:
+        value = get_field(record, text_field)
+    except KeyError:
+        fields = ", ".join(list(record)[:12]) or "(none)"
+        raise InputError(
+            f"{where}: {location} has no field '{text_field}' (fields: {fields}); set text_field to one of them."
+        ) from None
+    try:
+        return text_of(value)
+    except TypeError as exc:
+        raise InputError(
+            f"{where}: field '{text_field}' in {location} is a {exc}, not text; choose a text field."
+        ) from None
+
+
+def iter_table_file(path: Path, suffix: str, text_field: str, where: str, stats: SourceStats) -> Iterator[str]:
+    if suffix == ".parquet":
+        yield from _iter_parquet(path, text_field, where)
+        return
+    data = read_bytes(path, where)
+    stats.bytes_seen += len(data)
+    if suffix in {".jsonl", ".ndjson"}:
+        for lineno, raw in enumerate(data.splitlines(), start=1):
+            if not raw.strip():
+                continue
+            line = decode(raw)
+            if line is None:
+                stats.undecodable.append(f"{path.name}:{lineno}")
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(
+                    f"{where}: line {lineno} of '{path}' is not valid JSON ({exc.msg}); fix or remove that line."
+                ) from None
+            text = _record_text(record, text_field, f"line {lineno} of '{path}'", where)
+            if text:
+                stats.bytes_kept += len(raw)
+                yield text
+        return
+    text = decode(data)
+    if text is None:
+        stats.undecodable.append(path.name)
+        return
+    if suffix == ".json":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(
+                f"{where}: '{path}' is not valid JSON ({exc.msg} at line {exc.lineno}); fix the file."
+            ) from None
+        records = obj.get("data") if isinstance(obj, dict) and isinstance(obj.get("data"), list) else obj
+        if not isinstance(records, list):
+            raise InputError(
+                f"{where}: '{path}' must hold a list of records (or {{\"data\": [...]}}); "
+                "convert it to JSON Lines with one object per line."
+            )
+        for i, record in enumerate(records):
+            value = _record_text(record, text_field, f"record {i} of '{path}'", where)
+            if value:
+                stats.bytes_kept += len(value)
+                yield value
+        return
+    # CSV / TSV through the standard csv module: it reports ragged rows, which we refuse.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+    header = next(reader, None)
+    if not header:
+        return
+    if text_field not in header:
+        raise InputError(
+            f"{where}: '{path}' has no column '{text_field}' (columns: {', '.join(header[:12])}); "
+            "set text_field to one of them."
+        )
+    col = header.index(text_field)
+    for row in reader:
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise InputError(
+                f"{where}: row at line {reader.line_num} of '{path}' has {len(row)} fields where the header has "
+                f"{len(header)}; fix the quoting or the separators there."
+            )
+        if row[col]:
+            stats.bytes_kept += len(row[col])
+            yield row[col]
+
+
+def _iter_parquet(path: Path, text_field: str, where: str) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    top = text_field.split(".")[0]
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(f"{where}: '{path}' is not a readable Parquet file ({exc}); check the file.") from None
+    names = parquet.schema_arrow.names
+    if top not in names:
+        raise InputError(
+            f"{where}: '{path}' has no column '{top}' (columns: {', '.join(names[:12])}); set text_field."
+        )
+    for batch in parquet.iter_batches(columns=[top], batch_size=4096):
+        for i, record in enumerate(batch.to_pylist()):
+            text = _record_text(record, text_field, f"a row of '{path}'", where)
+            if text:
+                yield text
+
+
+def iter_file_documents(src: SourceConfig, where: str, stats: SourceStats) -> Iterator[str]:
+    for path in expand_paths(src.paths, where):
+        stats.files_seen += 1
+        suffix = suffix_of(path)
+        if suffix in TEXT_SUFFIXES:
+            data = read_bytes(path, where)
+            stats.bytes_seen += len(data)
+            text = decode(data)
+            if text is None:
+                stats.undecodable.append(str(path))
+                continue
+            docs = split_txt(text, src.txt_unit)
+            if docs:
+                stats.files_kept += 1
+                stats.bytes_kept += len(data)
+            yield from docs
+        else:
+            before = stats.bytes_kept
+            yield from iter_table_file(path, suffix, src.text_field, where, stats)
+            if stats.bytes_kept > before:
+                stats.files_kept += 1
+
+
+# --------------------------------------------------------------------------------------------------
+# The running Python's own source code (the offline stand-in for the course's codeparrot data)
+
+
+def python_code_roots(roots: list[str]) -> list[Path]:
+    paths = sysconfig.get_paths()
+    found: list[Path] = []
+    if "stdlib" in roots:
+        found.append(Path(paths["stdlib"]))
+    if "site-packages" in roots:
+        found.extend(Path(p) for p in {paths["purelib"], paths["platlib"], *_site_dirs()})
+    return [p.resolve() for p in dict.fromkeys(found) if p.is_dir()]
+
+
+def _site_dirs() -> list[str]:
+    return [p for p in sys.path if p.rstrip("/").endswith(("site-packages", "dist-packages"))]
+
+
+def python_files(roots: list[Path]) -> list[Path]:
+    """Sorted .py files under the roots. A site-packages folder met while walking (the base
+    interpreter's, under the stdlib) is skipped: installed packages are the other root's business."""
+    files: set[Path] = set()
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if d not in {"__pycache__", "site-packages", "dist-packages"}]
+            files.update(Path(dirpath, f) for f in filenames if f.endswith(".py"))
+    return sorted(files)
+
+
+def iter_python_code(src: SourceConfig, stats: SourceStats) -> Iterator[str]:
+    roots = python_code_roots(src.roots)
+    for path in python_files(roots):
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        stats.files_seen += 1
+        stats.bytes_seen += len(data)
+        text = decode(data)
+        if text is None:
+            stats.undecodable.append(str(path))
+            continue
+        if not text.strip():
+            continue
+        if not keep_by_keywords(text, src.keywords, src.keyword_mode):
+            stats.filtered_out += 1
+            continue
+        stats.files_kept += 1
+        stats.bytes_kept += len(data)
+        yield text
+
+
+# --------------------------------------------------------------------------------------------------
+# The Hub
+
+
+def iter_hub_documents(src: SourceConfig, where: str) -> Iterator[str]:
+    from lmtune.hub import hub_reachable, offline_message
+
+    dataset_id = src.paths[0]
+    import datasets
+
+    online = hub_reachable()  # offline, this also switches datasets to its local cache only
+    try:
+        ds = datasets.load_dataset(dataset_id, src.config_name, split=src.split, streaming=src.streaming)
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types for a bad id/split/config
+        if not online:
+            raise InputError(offline_message("dataset", dataset_id, f"{where}.path")) from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise InputError(f"{where}: cannot load Hub dataset '{dataset_id}' split '{src.split}' ({first}).") from None
+    for i, record in enumerate(ds):
+        text = _record_text(record, src.text_field, f"row {i} of '{dataset_id}'", where)
+        if text:
+            yield text
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def is_hub_id(src: SourceConfig) -> bool:
+    if src.type == "hub":
+        return True
+    if src.type != "auto" or len(src.paths) != 1:
+        return False
+    p = src.paths[0]
+    return not Path(p).expanduser().exists() and not any(ch in p for ch in "*?[") and not p.startswith(
+        (".", "/", "~")
+    ) and suffix_of(Path(p)) not in SUPPORTED and p.count("/") <= 1
+
+
+def iter_documents(src: SourceConfig, where: str, stats: SourceStats) -> Iterator[str]:
+    """Documents after filters, lazily: the streaming path never holds the corpus in memory."""
+    if src.type == "python-code":
+        docs: Iterable[str] = iter_python_code(src, stats)
+    elif is_hub_id(src):
+        docs = iter_hub_documents(src, where)
+    else:
+        docs = iter_file_documents(src, where, stats)
+    kept = 0
+    for text in docs:
+        if src.type != "python-code" and not keep_by_keywords(text, src.keywords, src.keyword_mode):
+            stats.filtered_out += 1
+            continue
+        kept += 1
+        stats.documents = kept
+        yield text
+        if src.max_documents is not None and kept >= src.max_documents:
+            return
+
+
+def load_corpus(src: SourceConfig, where: str) -> Corpus:
+    stats = SourceStats()
+    texts = list(iter_documents(src, where, stats))
+    if stats.undecodable:
+        log.warning("%s: skipped %d undecodable (non UTF-8) item(s), first %s", where, len(stats.undecodable),
+                    stats.undecodable[0])
+    if not texts:
+        why = " after the keyword filter" if stats.filtered_out else ""
+        raise InputError(
+            f"{where}: the corpus is empty{why} ({stats.summary('read')}); "
+            "check the path, the text field and the keywords."
+        )
+    return Corpus(texts=texts, stats=stats, fingerprint=fingerprint_texts(texts))

@@ -1,0 +1,95 @@
+"""Offline-first access to the Hugging Face Hub.
+
+A Hub request on a machine without network spends ~50 s in retries before failing, so before any
+call that may download we check the local cache, then whether the Hub answers a TCP connect at
+all (a few seconds at most), and fail with one sentence when it does not.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from lmtune.errors import InputError
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def offline_requested() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def go_offline() -> None:
+    """Put huggingface_hub, datasets and transformers in offline mode for the rest of the process,
+    so that no later call starts its minute of retries. The libraries read the environment at
+    import, hence the module constants as well."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    import huggingface_hub.constants as hub_constants
+
+    hub_constants.HF_HUB_OFFLINE = True
+    try:
+        import datasets.config as datasets_config
+
+        datasets_config.HF_HUB_OFFLINE = True
+        datasets_config.HF_DATASETS_OFFLINE = True
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        pass
+
+
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """False when offline mode is asked for or a TCP connect to the Hub fails; then the whole process
+    goes offline."""
+    reachable = not offline_requested() and _connects(timeout)
+    if not reachable:
+        go_offline()
+    return reachable
+
+
+def _connects(timeout: float) -> bool:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    parsed = urlparse(endpoint)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def offline_message(kind: str, name: str, field: str) -> str:
+    return (
+        f"{kind} '{name}' is not a local path and is not in the local Hugging Face cache, and the Hub cannot be "
+        f"reached from here; set {field} to a local folder or file (or run once online to cache it)."
+    )
+
+
+def from_pretrained_or_explain(loader: Callable[..., Any], name: str, what: str, field: str = "model.name_or_path",
+                               **kwargs: Any) -> Any:
+    """Call a `from_pretrained`-style loader; turn "not found / offline" into one clear InputError."""
+    if Path(name).expanduser().exists():
+        try:
+            return loader(str(Path(name).expanduser()), **kwargs)
+        except (OSError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(
+                f"'{name}' exists but cannot be loaded as a {what} ({first[:200]}); "
+                f"point {field} at a Hugging Face {what} folder."
+            ) from None
+    try:
+        return loader(name, local_files_only=True, **kwargs)
+    except (OSError, ValueError):
+        pass
+    if not hub_reachable():
+        raise InputError(offline_message(what, name, field))
+    try:
+        return loader(name, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"could not load {what} '{name}' from the Hub ({first[:200]}); check {field}.") from None

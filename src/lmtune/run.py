@@ -1,0 +1,219 @@
+"""The pipeline, the same for every task:
+
+    recipe -> config -> sources -> prepare -> model -> evaluate (before) -> Trainer -> evaluate (after)
+    -> run dir (config.yaml, model/, checkpoints/, metrics.json, log.jsonl)
+
+A run is built in a sibling folder `.<name>.partial` and renamed into place only when complete, so
+a failed run never leaves a half-written run dir and never touches an existing one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from lmtune.config import RecipeConfig
+from lmtune.errors import InputError
+
+log = logging.getLogger("lmtune")
+
+
+# --------------------------------------------------------------------------------------------------
+# Run dir bookkeeping
+
+
+def partial_dir(run_dir: Path) -> Path:
+    return run_dir.with_name(f".{run_dir.name}.partial")
+
+
+def check_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
+    if overwrite and resume:
+        raise InputError("--overwrite and --resume exclude each other; choose one.")
+    parent = run_dir.parent
+    for ancestor in [parent, *parent.parents]:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise InputError(f"output '{run_dir}': '{ancestor}' is a file, not a folder; choose another --output.")
+            if not os.access(ancestor, os.W_OK | os.X_OK):
+                raise InputError(f"output '{run_dir}': folder '{ancestor}' is not writable; choose another --output.")
+            break
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"output '{run_dir}' is a file; choose another --output or remove it.")
+    if run_dir.exists() and not (overwrite or resume):
+        raise InputError(
+            f"run dir '{run_dir}' already exists; pass --overwrite to replace it or --resume to continue it."
+        )
+    if partial_dir(run_dir).exists() and not (overwrite or resume):
+        raise InputError(
+            f"an interrupted run is in '{partial_dir(run_dir)}'; pass --resume to continue it or --overwrite "
+            "to start over."
+        )
+
+
+def latest_checkpoint(checkpoints: Path) -> Path | None:
+    if not checkpoints.is_dir():
+        return None
+    found = [p for p in checkpoints.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    complete = [p for p in found if (p / "trainer_state.json").is_file()]
+    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def open_work_dir(run_dir: Path, overwrite: bool, resume: bool) -> Path:
+    """The folder this run writes into. Resuming reuses an interrupted run's folder, or copies the
+    finished run's checkpoints into a fresh one (the finished run stays untouched until the end)."""
+    work = partial_dir(run_dir)
+    if overwrite and work.exists():
+        shutil.rmtree(work)
+    if resume and not work.exists() and (run_dir / "checkpoints").is_dir():
+        shutil.copytree(run_dir / "checkpoints", work / "checkpoints")
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def publish(work: Path, run_dir: Path) -> None:
+    """Move the finished work dir into place; an existing run dir is replaced only after that."""
+    old = None
+    if run_dir.exists():
+        old = run_dir.with_name(f".{run_dir.name}.old-{uuid.uuid4().hex[:8]}")
+        run_dir.rename(old)
+    try:
+        work.rename(run_dir)
+    except OSError:
+        if old is not None:
+            old.rename(run_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class _RunLog:
+    """Mirror the lmtune logger into the work dir's train.log while a run is active."""
+
+    def __init__(self, path: Path):
+        self.handler = logging.FileHandler(path, encoding="utf-8")
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+
+    def __enter__(self):
+        log.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        log.removeHandler(self.handler)
+        self.handler.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def train(cfg: RecipeConfig, run_dir: Path, overwrite: bool = False, resume: bool = False) -> Path:
+    from lmtune.tasks import clm
+    from lmtune.training.engine import (
+        JsonlLogCallback,
+        LmtuneTrainer,
+        PlainProgressCallback,
+        resolve_precision,
+        training_arguments,
+    )
+    from lmtune.training.losses import keytoken_ids
+    from lmtune.modeling import count_parameters, describe_parameters
+
+    check_run_dir(run_dir, overwrite, resume)
+    timings: dict[str, float] = {}
+    t0 = time.time()
+
+    # Everything that can reject the user's input runs before anything is written.
+    prepared = clm.prepare(cfg)
+    timings["prepare_s"] = time.time() - t0
+    model = clm.build_model(cfg, prepared.tokenizer)
+    params = count_parameters(model)
+    log.info(describe_parameters(params))
+    key_ids: list[int] = []
+    if cfg.loss.type == "keytoken":
+        key_ids, skipped = keytoken_ids(prepared.tokenizer, cfg.loss.keywords)
+        if skipped:
+            log.info("keytoken loss: skipped multi-token keywords %s", ", ".join(map(repr, skipped)))
+        if not key_ids:
+            raise InputError("loss.keywords: none of the keywords is a single token of this tokenizer; "
+                             "choose shorter keywords or set loss.type: cross_entropy.")
+        log.info("keytoken loss: %d key token ids, alpha %g", len(key_ids), cfg.loss.alpha)
+    precision = resolve_precision(cfg.training.precision)
+
+    work = open_work_dir(run_dir, overwrite, resume)
+    with _RunLog(work / "train.log"):
+        (work / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+        log.info("precision: %s; run dir in progress: %s", precision, work)
+
+        t = time.time()
+        before = clm.evaluate(model, prepared.validation, cfg.training.eval_batch_size or cfg.training.batch_size)
+        timings["eval_before_s"] = time.time() - t
+        log.info("before training: validation perplexity %.2f (loss %.4f)", before["perplexity"], before["loss"])
+
+        from lmtune.data.packing import BlockDataset
+
+        args = training_arguments(cfg.training, work / "checkpoints", precision, has_eval=True)
+        trainer = LmtuneTrainer(
+            model=model,
+            args=args,
+            train_dataset=prepared.train,
+            eval_dataset=BlockDataset(prepared.validation),
+            processing_class=prepared.tokenizer,
+            callbacks=[JsonlLogCallback(work / "log.jsonl")]
+            + ([PlainProgressCallback()] if args.disable_tqdm else []),
+            keytoken_ids=key_ids,
+            keytoken_alpha=cfg.loss.alpha,
+        )
+        if args.disable_tqdm:
+            from transformers.trainer_callback import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)  # ours prints the same, one readable line per step
+        checkpoint = latest_checkpoint(work / "checkpoints") if resume else None
+        if resume:
+            log.info("resuming from %s", checkpoint if checkpoint else "the start (no complete checkpoint found)")
+        t = time.time()
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        timings["train_s"] = time.time() - t
+        model = trainer.model
+
+        t = time.time()
+        after = clm.evaluate(model, prepared.validation, cfg.training.eval_batch_size or cfg.training.batch_size)
+        timings["eval_after_s"] = time.time() - t
+        log.info("after training: validation perplexity %.2f (loss %.4f)", after["perplexity"], after["loss"])
+
+        model_dir = work / "model"
+        model.save_pretrained(str(model_dir), safe_serialization=True)
+        prepared.tokenizer.save_pretrained(str(model_dir))
+
+        g = cfg.generation
+        samples = []
+        if g.prompts:
+            completions = clm.generate(model, prepared.tokenizer, g.prompts, g.max_new_tokens, g.do_sample,
+                                       g.temperature, g.top_k, g.top_p, g.num_return_sequences, seed=cfg.training.seed)
+            samples = [{"prompt": p, "completions": c} for p, c in zip(g.prompts, completions)]
+        timings["total_s"] = time.time() - t0
+        metrics = {
+            "task": cfg.task,
+            "before": before,
+            "after": after,
+            "parameters": params,
+            "precision": precision,
+            "data": prepared.info,
+            "train": {k: v for k, v in result.metrics.items()},
+            "steps": trainer.state.global_step,
+            "samples": samples,
+            "timings": timings,
+        }
+        write_json(work / "metrics.json", metrics)
+    publish(work, run_dir)
+    return run_dir

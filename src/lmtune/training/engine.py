@@ -1,0 +1,123 @@
+"""Builds the Hugging Face `Trainer` from a recipe's `training` section.
+
+Training goes through `Trainer` (not a loop of our own) so that `accelerate launch` with DDP, FSDP
+or DeepSpeed works unchanged. What we add: precision chosen from the hardware, the keytoken loss,
+and one JSON line per logging step in the run dir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from lmtune.config import TrainingConfig
+from lmtune.training.losses import keytoken_weighted_loss
+
+log = logging.getLogger("lmtune")
+
+
+def cpu_supports_bf16() -> bool:
+    # Without native bf16 instructions (AVX512-BF16 / AMX) autocast emulates bf16 and is slower than fp32.
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def resolve_precision(choice: str) -> str:
+    """'auto' -> bf16 where the hardware runs it natively (CUDA with bf16, or a bf16-capable CPU),
+    fp16 on older CUDA GPUs, else fp32. An explicit choice the hardware can't run falls back, loudly."""
+    cuda = torch.cuda.is_available()
+    if choice == "auto":
+        if cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_supports_bf16() else "fp32"
+    if choice == "fp16" and not cuda:
+        log.warning("fp16 needs a CUDA GPU; training in fp32 instead")
+        return "fp32"
+    return choice
+
+
+def training_arguments(cfg: TrainingConfig, output_dir: Path, precision: str, has_eval: bool) -> TrainingArguments:
+    eval_strategy = cfg.eval_strategy if has_eval else "no"
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,  # Trainer exempts biases and LayerNorm weights from decay
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type=cfg.lr_scheduler,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size or cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps,
+        eval_strategy=eval_strategy,
+        eval_steps=cfg.eval_steps,
+        logging_steps=cfg.logging_steps,
+        save_strategy=cfg.save_strategy,
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        seed=cfg.seed,
+        max_grad_norm=cfg.max_grad_norm,
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        report_to="none",
+        disable_tqdm=not sys.stderr.isatty(),
+        remove_unused_columns=False,
+        save_only_model=False,
+    )
+
+
+class JsonlLogCallback(TrainerCallback):
+    """One JSON object per logging step in the run dir's log.jsonl (flushed, so a crash keeps it)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.start = time.time()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": state.epoch, "time_s": round(time.time() - self.start, 3)}
+        record.update({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in logs.items()})
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+class PlainProgressCallback(TrainerCallback):
+    """Without a terminal (CI, logs) tqdm is off; print a short line at each logging step instead."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items())
+        print(f"[step {state.global_step}/{state.max_steps}] {shown}", file=sys.stderr, flush=True)
+
+
+class LmtuneTrainer(Trainer):
+    """`Trainer` with an optional keytoken-weighted training loss.
+
+    Evaluation keeps the model's plain cross-entropy so that eval loss stays a perplexity."""
+
+    def __init__(self, *args, keytoken_ids: list[int] | None = None, keytoken_alpha: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keytoken_ids = torch.tensor(keytoken_ids or [], dtype=torch.long)
+        self.keytoken_alpha = keytoken_alpha
+        if keytoken_ids:
+            # The weighted loss is a per-batch mean: Trainer must divide it by the accumulation steps.
+            self.loss_is_scaled_for_ga = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not (model.training and len(self.keytoken_ids)):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs["labels"]
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        loss = keytoken_weighted_loss(outputs.logits, labels, self.keytoken_ids, self.keytoken_alpha)
+        return (loss, outputs) if return_outputs else loss

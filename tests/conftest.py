@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny tokenizers and corpora built in the test session itself; never the Hub."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import random  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+WORDS = (
+    "the model reads data and trains a small network on text so loss goes down while the tokenizer "
+    "splits words into pieces import numpy as np import pandas as pd def fit predict return value"
+).split()
+
+
+def make_documents(n: int, seed: int = 0, min_words: int = 5, max_words: int = 60) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))) for _ in range(n)]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Each test session gets its own lmtune cache, so tests never see a developer's cache."""
+    monkeypatch.setenv("LMTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "lmtune-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    from lmtune.tokenizer import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(make_documents(400, seed=1), vocab_size=400, min_frequency=1)
+    out = tmp_path_factory.mktemp("tok")
+    tok.save_pretrained(str(out))
+    return tok
