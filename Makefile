@@ -27,7 +27,7 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(VENV)/bin/lmtune train recipes/codeparrot-local.yaml --overwrite
 
-# The fine-tuning workflow on top of the demo's model (runs/codeparrot-local-stdlib-ft/).
+# The fine-tuning workflow on top of the demo's model (runs/clm-finetune-stdlib-local/).
 finetune-demo: install
 	$(VENV)/bin/lmtune train recipes/clm-finetune-stdlib-local.yaml --overwrite
 

@@ -7,6 +7,9 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Each test session gets its own lmtune cache (set before any fixture runs), so tests never read or
+# write a developer's cache.
+os.environ["LMTUNE_CACHE"] = __import__("tempfile").mkdtemp(prefix="lmtune-test-cache-")
 
 import random  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -25,12 +28,6 @@ WORDS = (
 def make_documents(n: int, seed: int = 0, min_words: int = 5, max_words: int = 60) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))) for _ in range(n)]
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Each test session gets its own lmtune cache, so tests never see a developer's cache."""
-    monkeypatch.setenv("LMTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "lmtune-cache"))
 
 
 @pytest.fixture(scope="session")

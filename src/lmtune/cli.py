@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from lmtune.errors import InputError
@@ -29,6 +30,7 @@ def _setup_logging(verbose: bool) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # "Writing model shards" bars are noise here
     import datasets
 
     datasets.logging.set_verbosity_error()
@@ -214,3 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lmtune: interrupted; continue a training run with `lmtune train RECIPE --resume`.", file=sys.stderr)
         return 130
+    except Exception:  # a fault of ours: keep the whole story
+        traceback.print_exc()
+        print("lmtune: internal error (the traceback above is also in the run's train.log); please report it.",
+              file=sys.stderr)
+        return 1

@@ -119,13 +119,7 @@ class _RunLog:
 
 def train(cfg: RecipeConfig, run_dir: Path, overwrite: bool = False, resume: bool = False) -> Path:
     from lmtune.tasks import clm
-    from lmtune.training.engine import (
-        JsonlLogCallback,
-        LmtuneTrainer,
-        PlainProgressCallback,
-        resolve_precision,
-        training_arguments,
-    )
+    from lmtune.training.engine import resolve_precision
     from lmtune.training.losses import keytoken_ids
     from lmtune.modeling import count_parameters, describe_parameters
 
@@ -152,68 +146,80 @@ def train(cfg: RecipeConfig, run_dir: Path, overwrite: bool = False, resume: boo
 
     work = open_work_dir(run_dir, overwrite, resume)
     with _RunLog(work / "train.log"):
-        (work / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-        log.info("precision: %s; run dir in progress: %s", precision, work)
-
-        t = time.time()
-        before = clm.evaluate(model, prepared.validation, cfg.training.eval_batch_size or cfg.training.batch_size)
-        timings["eval_before_s"] = time.time() - t
-        log.info("before training: validation perplexity %.2f (loss %.4f)", before["perplexity"], before["loss"])
-
-        from lmtune.data.packing import BlockDataset
-
-        args = training_arguments(cfg.training, work / "checkpoints", precision, has_eval=True)
-        trainer = LmtuneTrainer(
-            model=model,
-            args=args,
-            train_dataset=prepared.train,
-            eval_dataset=BlockDataset(prepared.validation),
-            processing_class=prepared.tokenizer,
-            callbacks=[JsonlLogCallback(work / "log.jsonl")]
-            + ([PlainProgressCallback()] if args.disable_tqdm else []),
-            keytoken_ids=key_ids,
-            keytoken_alpha=cfg.loss.alpha,
-        )
-        if args.disable_tqdm:
-            from transformers.trainer_callback import PrinterCallback
-
-            trainer.remove_callback(PrinterCallback)  # ours prints the same, one readable line per step
-        checkpoint = latest_checkpoint(work / "checkpoints") if resume else None
-        if resume:
-            log.info("resuming from %s", checkpoint if checkpoint else "the start (no complete checkpoint found)")
-        t = time.time()
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        timings["train_s"] = time.time() - t
-        model = trainer.model
-
-        t = time.time()
-        after = clm.evaluate(model, prepared.validation, cfg.training.eval_batch_size or cfg.training.batch_size)
-        timings["eval_after_s"] = time.time() - t
-        log.info("after training: validation perplexity %.2f (loss %.4f)", after["perplexity"], after["loss"])
-
-        model_dir = work / "model"
-        model.save_pretrained(str(model_dir), safe_serialization=True)
-        prepared.tokenizer.save_pretrained(str(model_dir))
-
-        g = cfg.generation
-        samples = []
-        if g.prompts:
-            completions = clm.generate(model, prepared.tokenizer, g.prompts, g.max_new_tokens, g.do_sample,
-                                       g.temperature, g.top_k, g.top_p, g.num_return_sequences, seed=cfg.training.seed)
-            samples = [{"prompt": p, "completions": c} for p, c in zip(g.prompts, completions)]
-        timings["total_s"] = time.time() - t0
-        metrics = {
-            "task": cfg.task,
-            "before": before,
-            "after": after,
-            "parameters": params,
-            "precision": precision,
-            "data": prepared.info,
-            "train": {k: v for k, v in result.metrics.items()},
-            "steps": trainer.state.global_step,
-            "samples": samples,
-            "timings": timings,
-        }
-        write_json(work / "metrics.json", metrics)
+        try:
+            _train_in(work, cfg, prepared, model, key_ids, precision, resume, timings, t0, params)
+        except BaseException as exc:
+            log.error("run stopped (%s); what it wrote is kept in %s; continue it with --resume",
+                      type(exc).__name__, work, exc_info=not isinstance(exc, KeyboardInterrupt | InputError))
+            raise
     publish(work, run_dir)
     return run_dir
+
+
+def _train_in(work: Path, cfg: RecipeConfig, prepared, model, key_ids, precision, resume, timings, t0, params):
+    """Evaluate, train, evaluate, save: everything that writes into the work dir."""
+    from lmtune.data.packing import BlockDataset
+    from lmtune.tasks import clm
+    from lmtune.training.engine import JsonlLogCallback, LmtuneTrainer, PlainProgressCallback, training_arguments
+
+    (work / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    log.info("precision: %s; run dir in progress: %s", precision, work)
+
+    t = time.time()
+    before = clm.evaluate(model, prepared.validation, cfg.training.eval_batch_size or cfg.training.batch_size)
+    timings["eval_before_s"] = time.time() - t
+    log.info("before training: validation perplexity %.2f (loss %.4f)", before["perplexity"], before["loss"])
+
+    args = training_arguments(cfg.training, work / "checkpoints", precision, has_eval=True)
+    trainer = LmtuneTrainer(
+        model=model,
+        args=args,
+        train_dataset=prepared.train,
+        eval_dataset=BlockDataset(prepared.validation),
+        processing_class=prepared.tokenizer,
+        callbacks=[JsonlLogCallback(work / "log.jsonl")]
+        + ([PlainProgressCallback()] if args.disable_tqdm else []),
+        keytoken_ids=key_ids,
+        keytoken_alpha=cfg.loss.alpha,
+    )
+    if args.disable_tqdm:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # ours prints the same, one readable line per step
+    checkpoint = latest_checkpoint(work / "checkpoints") if resume else None
+    if resume:
+        log.info("resuming from %s", checkpoint if checkpoint else "the start (no complete checkpoint found)")
+    t = time.time()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    timings["train_s"] = time.time() - t
+    model = trainer.model
+
+    t = time.time()
+    after = clm.evaluate(model, prepared.validation, cfg.training.eval_batch_size or cfg.training.batch_size)
+    timings["eval_after_s"] = time.time() - t
+    log.info("after training: validation perplexity %.2f (loss %.4f)", after["perplexity"], after["loss"])
+
+    model_dir = work / "model"
+    model.save_pretrained(str(model_dir), safe_serialization=True)
+    prepared.tokenizer.save_pretrained(str(model_dir))
+
+    g = cfg.generation
+    samples = []
+    if g.prompts:
+        completions = clm.generate(model, prepared.tokenizer, g.prompts, g.max_new_tokens, g.do_sample,
+                                   g.temperature, g.top_k, g.top_p, g.num_return_sequences, seed=cfg.training.seed)
+        samples = [{"prompt": p, "completions": c} for p, c in zip(g.prompts, completions)]
+    timings["total_s"] = time.time() - t0
+    metrics = {
+        "task": cfg.task,
+        "before": before,
+        "after": after,
+        "parameters": params,
+        "precision": precision,
+        "data": prepared.info,
+        "train": dict(result.metrics),
+        "steps": trainer.state.global_step,
+        "samples": samples,
+        "timings": timings,
+    }
+    write_json(work / "metrics.json", metrics)

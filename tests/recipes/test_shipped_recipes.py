@@ -1,0 +1,53 @@
+"""Every shipped recipe validates offline; those that need the Hub stop with one sentence offline."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from lmtune.config import load_recipe
+
+from ..conftest import REPO
+
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+HUB_RECIPES = ["clm-eli5-distilgpt2.yaml", "clm-wikitext2-distilgpt2.yaml", "codeparrot-ds.yaml"]
+
+
+def test_recipes_exist():
+    names = {p.name for p in RECIPES}
+    assert {"codeparrot-local.yaml", "clm-finetune-stdlib-local.yaml", *HUB_RECIPES} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_validates(path):
+    cfg = load_recipe(path)
+    assert cfg.name == path.stem  # the run dir is named after the recipe file
+
+
+def test_tutorial_hyperparameters_are_the_tutorials():
+    eli5 = load_recipe(REPO / "recipes" / "clm-eli5-distilgpt2.yaml")
+    assert (eli5.data.train.split, eli5.data.train.text_field, eli5.data.block_size) == (
+        "train[:5000]", "answers.text", 128)
+    assert (eli5.training.learning_rate, eli5.training.weight_decay, eli5.training.eval_strategy) == (
+        2e-5, 0.01, "epoch")
+    cp = load_recipe(REPO / "recipes" / "codeparrot-ds.yaml")
+    t = cp.training
+    assert (cp.data.block_size, t.batch_size, t.gradient_accumulation_steps, t.lr_scheduler, t.warmup_steps,
+            t.learning_rate, t.weight_decay) == (128, 32, 8, "cosine", 1000, 5e-4, 0.1)
+    assert cp.data.packing == "overflow"
+
+
+@pytest.mark.parametrize("name", HUB_RECIPES)
+def test_hub_recipe_offline_gives_one_sentence(name, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmtune", "train", str(REPO / "recipes" / name), "--output", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("lmtune: error:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert "cannot be reached" in lines[0] and "local" in lines[0]
+    assert not (tmp_path / "run").exists()
