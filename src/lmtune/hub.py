@@ -82,6 +82,8 @@ def from_pretrained_or_explain(loader: Callable[..., Any], name: str, what: str,
                 f"'{name}' exists but cannot be loaded as a {what} ({first[:200]}); "
                 f"point {field} at a Hugging Face {what} folder."
             ) from None
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
+        raise InputError(f"{field}: '{name}' does not exist; give an existing {what} folder (or a run dir).")
     try:
         return loader(name, local_files_only=True, **kwargs)
     except (OSError, ValueError):

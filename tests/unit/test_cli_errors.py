@@ -1,0 +1,111 @@
+"""Bad input at the command line: one sentence, exit code 2, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from lmtune.cli import main
+
+from ..conftest import make_documents
+
+
+def base_recipe(data_path: str, **training) -> dict:
+    return {
+        "task": "clm",
+        "name": "bad",
+        "data": {"train": {"path": data_path}, "block_size": 16},
+        "tokenizer": {"train": True, "vocab_size": 300, "min_frequency": 1},
+        "model": {"from_scratch": {"n_layer": 1, "n_head": 2, "n_embd": 32}},
+        "training": {"max_steps": 2, "batch_size": 2, "precision": "fp32", "save_strategy": "no", **training},
+    }
+
+
+@pytest.fixture
+def docs(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": d}) for d in make_documents(40, seed=2)) + "\n")
+    return path
+
+
+def run_cli(capsys, argv):
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def assert_one_sentence(code, err, *fragments):
+    assert code == 2, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("lmtune: error:")]
+    assert len(errors) == 1, err
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+CASES = {
+    "missing data file": ({"data.train.path": "/nope/missing.jsonl"}, ["'/nope/missing.jsonl' does not exist"]),
+    "empty after keyword filter": ({"data.train.keywords": ["zzqqxx"]}, ["empty after the keyword filter"]),
+    "text field absent": ({"data.train.text_field": "body"}, ["no field 'body'", "fields: text"]),
+    "negative learning rate": ({"training.learning_rate": -1}, ["training.learning_rate"]),
+    "vocab too small": ({"tokenizer.vocab_size": 10}, ["vocab_size 10 is too small"]),
+    "unknown key": ({"training.epochs": 3}, ["unknown key 'training.epochs'"]),
+    "block larger than positions": ({"model.from_scratch.n_positions": 8}, ["block_size 16 exceeds"]),
+    "block larger than corpus": ({"data.block_size": 100000, "model.from_scratch.n_positions": 100000},
+                                 ["no full block of 100000 tokens"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_recipe_input(case, tmp_path, docs, capsys):
+    changes, fragments = CASES[case]
+    recipe = base_recipe(str(docs))
+    for key, value in changes.items():
+        node = recipe
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "runs" / "bad"
+    assert_one_sentence(*run_cli(capsys, ["train", path, "--output", out]), *fragments)
+    assert not out.exists() and not (out.parent / ".bad.partial").exists()
+
+
+def test_output_path_that_is_a_file(tmp_path, docs, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(base_recipe(str(docs))))
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    assert_one_sentence(*run_cli(capsys, ["train", path, "--output", blocker]), "is a file")
+    assert_one_sentence(*run_cli(capsys, ["train", path, "--output", blocker / "run"]), "is a file")
+    assert blocker.read_text() == "keep me"
+
+
+def test_undecodable_files_are_skipped_counted_and_reported(tmp_path, capsys):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i, doc in enumerate(make_documents(30, seed=9)):
+        (folder / f"{i}.txt").write_text(doc)
+    (folder / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(base_recipe(str(folder))))
+    code, err = run_cli(capsys, ["train", path, "--output", tmp_path / "run"])
+    assert code == 0, err
+    assert "1 skipped as not UTF-8" in err and "latin1.txt" in err
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["predict", "/nope/run", "hello"], "'/nope/run'"),
+    (["predict", "."], "no prompt given"),
+    (["eval", "/nope/run", "--data", "x.txt"], "'/nope/run'"),
+    (["train"], "the following arguments are required"),
+    (["frobnicate"], "invalid choice"),
+    (["eval", "x", "--data", "y", "--block-size", "0"], "--block-size must be positive"),
+    (["train", "/nope/recipe.yaml"], "does not exist"),
+])
+def test_bad_command_lines(argv, fragment, capsys):
+    assert_one_sentence(*run_cli(capsys, argv), fragment)
