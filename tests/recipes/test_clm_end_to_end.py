@@ -155,3 +155,40 @@ def test_block_size_beyond_pretrained_context_is_an_input_error(trained, tmp_pat
     err = capsys.readouterr().err
     assert "larger than the model's context of 32 positions" in err and "Traceback" not in err
     assert not (tmp_path / "big").exists() and not (tmp_path / ".big.partial").exists()
+
+
+def test_resume_continues_from_the_newest_checkpoint(trained, tmp_path, capsys):
+    tmp, recipe, _, _ = trained
+    run = tmp_path / "resumable"
+    assert main(["train", str(recipe), "--output", str(run), "--set", "training.max_steps=20",
+                 "--set", "training.save_steps=10"]) == 0
+    first = run / "checkpoints" / "checkpoint-20"
+    assert first.is_dir()
+    capsys.readouterr()
+    assert main(["train", str(recipe), "--output", str(run), "--resume", "--set", "training.max_steps=30",
+                 "--set", "training.save_steps=10"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming from" in err and "checkpoint-20" in err
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 30
+    logged = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in logged) == 30
+
+
+def test_streaming_training_reads_the_corpus_on_the_fly(trained, tmp_path):
+    tmp, _, run, data = trained
+    recipe = {
+        "task": "clm",
+        "name": "stream",
+        "model": {"tokenizer": str(run / "model"), "from_scratch": {"n_layer": 1, "n_head": 2, "n_embd": 32}},
+        "data": {"train": {"path": str(data), "streaming": True}, "validation": {"path": str(data),
+                 "max_documents": 30}, "block_size": 32},
+        "training": {"learning_rate": 3e-3, "batch_size": 8, "max_steps": 25, "precision": "fp32",
+                     "save_strategy": "no"},
+    }
+    path = tmp_path / "stream.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path), "--output", str(tmp_path / "stream")]) == 0
+    metrics = json.loads((tmp_path / "stream" / "metrics.json").read_text())
+    assert metrics["steps"] == 25 and metrics["data"]["streaming"] is True
+    assert metrics["after"]["perplexity"] < metrics["before"]["perplexity"] / 3

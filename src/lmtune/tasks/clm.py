@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from lmtune.data.sources import (
     split_train_validation,
 )
 from lmtune.errors import InputError
+from lmtune.metrics import perplexity
 from lmtune.modeling import build_causal_lm, check_block_size, load_causal_lm
 from lmtune.tokenizer import load_tokenizer, train_bpe_tokenizer
 
@@ -182,11 +182,6 @@ def build_model(cfg: RecipeConfig, tokenizer):
 # Evaluation
 
 
-def perplexity_from_loss(loss: float) -> float:
-    # exp overflows a float above ~709.78: report infinity rather than crash.
-    return math.exp(loss) if loss < 709.0 else float("inf")
-
-
 @torch.no_grad()
 def evaluate(model, blocks: np.ndarray, batch_size: int = 16) -> dict:
     """Token-weighted mean next-token cross-entropy over all validation blocks, and its exp.
@@ -206,7 +201,7 @@ def evaluate(model, blocks: np.ndarray, batch_size: int = 16) -> dict:
         total_tokens += targets.numel()
     model.train(was_training)
     mean = total_loss / max(total_tokens, 1)
-    return {"loss": mean, "perplexity": perplexity_from_loss(mean), "tokens": total_tokens}
+    return {"loss": mean, "perplexity": perplexity(mean), "tokens": total_tokens}
 
 
 # --------------------------------------------------------------------------------------------------
