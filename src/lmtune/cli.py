@@ -96,6 +96,7 @@ def cmd_predict(args) -> int:
         model, tokenizer, prompts, args.max_new_tokens, do_sample=args.temperature > 0 and not args.greedy,
         temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
         num_return_sequences=args.num_return_sequences, seed=args.seed,
+        repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
     )
     for prompt, outs in zip(prompts, completions):
         print(json.dumps({"prompt": prompt, "completions": outs}, ensure_ascii=False))
@@ -177,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--top-k", type=int, default=50)
     pr.add_argument("--top-p", type=float, default=1.0)
     pr.add_argument("--num-return-sequences", type=int, default=1)
+    pr.add_argument("--repetition-penalty", type=float, default=1.0)
+    pr.add_argument("--no-repeat-ngram-size", type=int, default=0)
     pr.add_argument("--greedy", action="store_true")
     pr.add_argument("--seed", type=int, default=0)
     pr.set_defaults(func=cmd_predict)

@@ -170,6 +170,8 @@ class GenerationConfig(Section):
     top_k: int = Field(50, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     num_return_sequences: int = Field(1, ge=1)
+    repetition_penalty: float = Field(1.0, gt=0, description="Above 1 discourages repeating tokens.")
+    no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid repeating n-grams of this size (0: off).")
 
 
 class OutputConfig(Section):

@@ -207,7 +207,9 @@ def _train_in(work: Path, cfg: RecipeConfig, prepared, model, key_ids, precision
     samples = []
     if g.prompts:
         completions = clm.generate(model, prepared.tokenizer, g.prompts, g.max_new_tokens, g.do_sample,
-                                   g.temperature, g.top_k, g.top_p, g.num_return_sequences, seed=cfg.training.seed)
+                                   g.temperature, g.top_k, g.top_p, g.num_return_sequences, seed=cfg.training.seed,
+                                   repetition_penalty=g.repetition_penalty,
+                                   no_repeat_ngram_size=g.no_repeat_ngram_size)
         samples = [{"prompt": p, "completions": c} for p, c in zip(g.prompts, completions)]
     timings["total_s"] = time.time() - t0
     metrics = {

@@ -211,7 +211,7 @@ def evaluate(model, blocks: np.ndarray, batch_size: int = 16) -> dict:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, num_return_sequences: int = 1,
-             seed: int = 0) -> list[list[str]]:
+             seed: int = 0, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> list[list[str]]:
     """Completions (prompt excluded) for a batch of prompts, using the KV cache; left padding so
     every prompt ends where generation starts."""
     if not prompts:
@@ -231,6 +231,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, do_
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
         num_return_sequences=num_return_sequences,
+        repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         **sampling,
