@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -36,9 +37,17 @@ def cache_root() -> Path:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
+    """What decides the token ids. The truncation and padding settings are left out: `tokenize_texts`
+    turns them off, and the wrapper changes them on every call, so they must not split the cache."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    state = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(state.encode()).hexdigest()[:24]
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        text = json.dumps(state, sort_keys=True)
+    else:
+        text = repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -112,11 +121,15 @@ def pack_overflow(token_lists: Sequence[Sequence[int]], block_size: int) -> np.n
 
 
 def pack(token_lists: Sequence[Sequence[int]], block_size: int, mode: str, eos_id: int | None) -> np.ndarray:
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, not {block_size}")
     if mode == "concat":
         if eos_id is None:
             raise ValueError("concat packing needs an EOS token id")
         return pack_concatenated(token_lists, block_size, eos_id)
-    return pack_overflow(token_lists, block_size)
+    if mode == "overflow":
+        return pack_overflow(token_lists, block_size)
+    raise ValueError(f"unknown packing mode {mode!r}; use 'concat' or 'overflow'")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -137,6 +150,20 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
         raise
 
 
+def _load_cached(path: Path, block_size: int) -> np.ndarray | None:
+    """The cached blocks, memory-mapped; None when the file is not a whole int32 [n, block_size] array
+    (empty, truncated, garbage, or written by something else)."""
+    try:
+        blocks = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    if not isinstance(blocks, np.ndarray) or blocks.dtype != np.int32 or blocks.ndim != 2 or (
+        blocks.shape[1] != block_size
+    ):
+        return None
+    return blocks
+
+
 def prepare_blocks(
     texts: Sequence[str],
     corpus_fingerprint: str,
@@ -154,11 +181,10 @@ def prepare_blocks(
     ).hexdigest()[:32]
     path = cache_root() / "blocks" / f"{key}.npy"
     if use_cache and path.is_file():
-        try:
-            blocks = np.load(path, mmap_mode="r")
+        blocks = _load_cached(path, block_size)
+        if blocks is not None:
             return blocks, {"cached": True, "blocks": int(blocks.shape[0]), "cache_file": str(path)}
-        except (OSError, ValueError):
-            path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt, never trusted
+        path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt, never trusted
     token_lists = list(tokenize_texts(tokenizer, texts))
     blocks = pack(token_lists, block_size, mode, tokenizer.eos_token_id)
     n_tokens = int(sum(len(t) for t in token_lists)) + (len(token_lists) if mode == "concat" else 0)

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 import sysconfig
 import zlib
@@ -32,6 +33,9 @@ log = logging.getLogger("lmtune")
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".py", ".rst"}
 TABLE_SUFFIXES = {".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet"}
 SUPPORTED = TEXT_SUFFIXES | TABLE_SUFFIXES
+# The csv module refuses fields over 128 kB by default; a long document in one cell is normal here.
+CSV_FIELD_LIMIT = 2**31 - 1
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 @dataclass
@@ -80,7 +84,10 @@ def suffix_of(path: Path) -> str:
 
 
 def get_field(record: Any, dotted: str) -> Any:
-    """Follow 'answers.text' through dicts; across a list, collect the field from each element."""
+    """Follow 'answers.text' through dicts; across a list, collect the field from each element.
+    A key that is literally 'answers.text' (a table flattened by `datasets`' flatten()) wins."""
+    if isinstance(record, dict) and dotted in record:
+        return record[dotted]
     value = record
     for key in dotted.split("."):
         if isinstance(value, dict):
@@ -108,12 +115,23 @@ def text_of(value: Any) -> str | None:
 
 
 def split_txt(text: str, unit: str) -> list[str]:
+    """Documents of a text file. Lines end at \\n, \\r\\n or \\r only (as in Python's text mode; not
+    at the form feeds, NELs or U+2028 that `str.splitlines` also breaks at); paragraphs are separated by
+    lines that are empty or hold only whitespace."""
     if unit == "file":
         return [text] if text.strip() else []
+    lines = _LINE_BREAK.split(text)
     if unit == "line":
-        return [line for line in text.splitlines() if line.strip()]
-    paragraphs = [p.strip("\n") for p in text.replace("\r\n", "\n").split("\n\n")]
-    return [p for p in paragraphs if p.strip()]
+        return [line for line in lines if line.strip()]
+    paragraphs: list[str] = []
+    current: list[str] = []
+    for line in lines + [""]:
+        if line.strip():
+            current.append(line)
+        elif current:
+            paragraphs.append("\n".join(current))
+            current = []
+    return paragraphs
 
 
 def keep_by_keywords(text: str, keywords: list[str], mode: str) -> bool:
@@ -156,7 +174,8 @@ def expand_paths(patterns: list[str], where: str) -> list[Path]:
     found: list[Path] = []
     for pattern in patterns:
         path = Path(pattern).expanduser()
-        if any(ch in pattern for ch in "*?["):
+        # An existing file or folder is taken literally, even when its name holds '[' or '?'.
+        if not path.exists() and any(ch in pattern for ch in "*?["):
             matches = [Path(p) for p in glob.glob(str(path), recursive=True)]
             files = [m for m in matches if m.is_file()]
             if not files:
@@ -195,8 +214,9 @@ def read_bytes(path: Path, where: str) -> bytes:
 
 
 def decode(data: bytes) -> str | None:
+    """UTF-8 text, without the byte-order mark that Windows tools (Excel's CSV) put first."""
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError:
         return None
 
@@ -224,7 +244,7 @@ def _record_text(record: Any, text_field: str, location: str, where: str) -> str
 
 def iter_table_file(path: Path, suffix: str, text_field: str, where: str, stats: SourceStats) -> Iterator[str]:
     if suffix == ".parquet":
-        yield from _iter_parquet(path, text_field, where)
+        yield from _iter_parquet(path, text_field, where, stats)
         return
     data = read_bytes(path, where)
     stats.bytes_seen += len(data)
@@ -267,52 +287,77 @@ def iter_table_file(path: Path, suffix: str, text_field: str, where: str, stats:
         for i, record in enumerate(records):
             value = _record_text(record, text_field, f"record {i} of '{path}'", where)
             if value:
-                stats.bytes_kept += len(value)
+                stats.bytes_kept += len(value.encode("utf-8", "surrogatepass"))
                 yield value
         return
-    # CSV / TSV through the standard csv module: it reports ragged rows, which we refuse.
+    yield from _iter_csv(path, text, suffix, text_field, where, stats)
+
+
+def _iter_csv(path: Path, text: str, suffix: str, text_field: str, where: str, stats: SourceStats) -> Iterator[str]:
+    """CSV / TSV through the standard csv module: it reports ragged rows, which we refuse."""
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:
+        csv.field_size_limit(CSV_FIELD_LIMIT)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
-    header = next(reader, None)
-    if not header:
-        return
-    if text_field not in header:
-        raise InputError(
-            f"{where}: '{path}' has no column '{text_field}' (columns: {', '.join(header[:12])}); "
-            "set text_field to one of them."
-        )
-    col = header.index(text_field)
-    for row in reader:
-        if not row:
-            continue
-        if len(row) != len(header):
+    try:
+        header = next(reader, None)
+        if not header:
+            return
+        if text_field not in header:
             raise InputError(
-                f"{where}: row at line {reader.line_num} of '{path}' has {len(row)} fields where the header has "
-                f"{len(header)}; fix the quoting or the separators there."
+                f"{where}: '{path}' has no column '{text_field}' (columns: {', '.join(header[:12])}); "
+                "set text_field to one of them."
             )
-        if row[col]:
-            stats.bytes_kept += len(row[col])
-            yield row[col]
+        col = header.index(text_field)
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise InputError(
+                    f"{where}: row at line {reader.line_num} of '{path}' has {len(row)} fields where the header "
+                    f"has {len(header)}; fix the quoting or the separators there."
+                )
+            if row[col]:
+                stats.bytes_kept += len(row[col].encode("utf-8", "surrogatepass"))
+                yield row[col]
+    except csv.Error as exc:
+        raise InputError(
+            f"{where}: cannot parse line {reader.line_num} of '{path}' ({exc}); fix the quoting or the separators "
+            "there."
+        ) from None
 
 
-def _iter_parquet(path: Path, text_field: str, where: str) -> Iterator[str]:
+def _iter_parquet(path: Path, text_field: str, where: str, stats: SourceStats) -> Iterator[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    top = text_field.split(".")[0]
     try:
-        parquet = pq.ParquetFile(path)
+        if path.suffix.lower() == ".gz":  # read whole (Parquet needs seeks); plain files are streamed
+            data = read_bytes(path, where)
+            stats.bytes_seen += len(data)
+            parquet = pq.ParquetFile(pa.BufferReader(data))
+        else:
+            stats.bytes_seen += path.stat().st_size
+            parquet = pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as exc:
         raise InputError(f"{where}: '{path}' is not a readable Parquet file ({exc}); check the file.") from None
     names = parquet.schema_arrow.names
-    if top not in names:
+    # A column literally named 'answers.text' (a flattened table) wins over the nested field.
+    column = text_field if text_field in names else text_field.split(".")[0]
+    if column not in names:
         raise InputError(
-            f"{where}: '{path}' has no column '{top}' (columns: {', '.join(names[:12])}); set text_field."
+            f"{where}: '{path}' has no column '{column}' (columns: {', '.join(names[:12])}); set text_field."
         )
-    for batch in parquet.iter_batches(columns=[top], batch_size=4096):
-        for i, record in enumerate(batch.to_pylist()):
-            text = _record_text(record, text_field, f"a row of '{path}'", where)
-            if text:
-                yield text
+    row = 0
+    try:
+        for batch in parquet.iter_batches(columns=[column], batch_size=4096):
+            for record in batch.to_pylist():
+                text = _record_text(record, text_field, f"row {row} of '{path}'", where)
+                row += 1
+                if text:
+                    stats.bytes_kept += len(text.encode("utf-8", "surrogatepass"))
+                    yield text
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(f"{where}: cannot read '{path}' at row {row} ({exc}); check the file.") from None
 
 
 def iter_file_documents(src: SourceConfig, where: str, stats: SourceStats) -> Iterator[str]:
