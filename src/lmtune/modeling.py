@@ -50,67 +50,70 @@ def check_block_size(config, block_size: int, where: str = "data.block_size") ->
         )
 
 
-def causal_lm_config(spec: FromScratchConfig, tokenizer, block_size: int):
-    """A GPT-2 (or Llama) config whose vocabulary, special ids and context fit the tokenizer and data."""
-    from transformers import GPT2Config, LlamaConfig
-
-    positions = spec.n_positions or block_size
-    common = dict(
+def _common_ids(tokenizer) -> dict:
+    return dict(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def model_config_from_scratch(spec: FromScratchConfig, tokenizer, block_size: int):
+    """A config whose vocabulary, special ids and context fit the tokenizer and the data."""
+    from transformers import BertConfig, GPT2Config, LlamaConfig, RobertaConfig
+
+    positions = spec.n_positions or block_size
+    common = _common_ids(tokenizer)
+    inner = spec.intermediate_size or 4 * spec.n_embd
     if spec.architecture == "llama":
-        return LlamaConfig(
-            hidden_size=spec.n_embd,
-            num_hidden_layers=spec.n_layer,
-            num_attention_heads=spec.n_head,
-            num_key_value_heads=spec.n_head,
-            intermediate_size=spec.intermediate_size or 4 * spec.n_embd,
-            max_position_embeddings=positions,
-            attention_dropout=spec.dropout,
-            tie_word_embeddings=True,
-            **common,
-        )
-    return GPT2Config(
-        n_embd=spec.n_embd,
-        n_layer=spec.n_layer,
-        n_head=spec.n_head,
-        n_positions=positions,
-        resid_pdrop=spec.dropout,
-        embd_pdrop=spec.dropout,
-        attn_pdrop=spec.dropout,
-        **common,
-    )
+        return LlamaConfig(hidden_size=spec.n_embd, num_hidden_layers=spec.n_layer, num_attention_heads=spec.n_head,
+                           num_key_value_heads=spec.n_head, intermediate_size=inner,
+                           max_position_embeddings=positions, attention_dropout=spec.dropout,
+                           tie_word_embeddings=True, **common)
+    if spec.architecture in ("bert", "roberta"):
+        cls = BertConfig if spec.architecture == "bert" else RobertaConfig
+        # RoBERTa numbers positions from padding_idx + 1, so it needs two more position slots.
+        extra = 2 if spec.architecture == "roberta" else 0
+        return cls(hidden_size=spec.n_embd, num_hidden_layers=spec.n_layer, num_attention_heads=spec.n_head,
+                   intermediate_size=inner, max_position_embeddings=positions + extra,
+                   hidden_dropout_prob=spec.dropout, attention_probs_dropout_prob=spec.dropout, **common)
+    return GPT2Config(n_embd=spec.n_embd, n_layer=spec.n_layer, n_head=spec.n_head, n_positions=positions,
+                      resid_pdrop=spec.dropout, embd_pdrop=spec.dropout, attn_pdrop=spec.dropout, **common)
 
 
-def build_causal_lm(spec: FromScratchConfig, tokenizer, block_size: int, seed: int):
-    from transformers import AutoModelForCausalLM, set_seed
+def build_from_scratch(spec: FromScratchConfig, tokenizer, block_size: int, seed: int, task: str = "clm"):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, set_seed
 
     set_seed(seed)
-    config = causal_lm_config(spec, tokenizer, block_size)
+    config = model_config_from_scratch(spec, tokenizer, block_size)
     config._attn_implementation = "sdpa"
-    return AutoModelForCausalLM.from_config(config)
+    auto = AutoModelForMaskedLM if task == "mlm" else AutoModelForCausalLM
+    return auto.from_config(config)
 
 
-def load_causal_lm(model_cfg: ModelConfig):
-    from transformers import AutoConfig, AutoModelForCausalLM
+HEADS = {
+    # task: (auto class name, mapping of model types that have the head, what the head is called)
+    "clm": ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "causal-LM", "a decoder such as gpt2"),
+    "mlm": ("AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES", "masked-LM",
+            "an encoder such as bert or roberta"),
+}
 
+
+def load_pretrained(model_cfg: ModelConfig, task: str = "clm"):
+    """A pretrained model with the task's head (a missing head, e.g. MLM on a plain encoder, is created
+    new by transformers and trained)."""
+    import transformers
+    from transformers import AutoConfig
+    from transformers.models.auto import modeling_auto
+
+    auto_name, mapping_name, head, example = HEADS[task]
     name = model_cfg.name_or_path
     config = from_pretrained_or_explain(AutoConfig.from_pretrained, name, what="model",
                                         trust_remote_code=model_cfg.trust_remote_code)
-    if config.model_type not in _causal_mapping() and not model_cfg.trust_remote_code:
-        raise InputError(
-            f"model '{name}' ({config.model_type}) has no causal-LM head; choose a decoder model such as gpt2."
-        )
+    if config.model_type not in getattr(modeling_auto, mapping_name) and not model_cfg.trust_remote_code:
+        raise InputError(f"model '{name}' ({config.model_type}) has no {head} head; choose {example}.")
     if model_cfg.trust_remote_code:
         log.warning("trust_remote_code is on: code shipped with '%s' will run on this machine", name)
-    return from_pretrained_or_explain(AutoModelForCausalLM.from_pretrained, name, what="model",
+    return from_pretrained_or_explain(getattr(transformers, auto_name).from_pretrained, name, what="model",
                                       trust_remote_code=model_cfg.trust_remote_code)
-
-
-def _causal_mapping():
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES

@@ -118,36 +118,27 @@ class _RunLog:
 
 
 def train(cfg: RecipeConfig, run_dir: Path, overwrite: bool = False, resume: bool = False) -> Path:
-    from lmtune.tasks import clm
-    from lmtune.training.engine import resolve_precision
-    from lmtune.training.losses import keytoken_ids
     from lmtune.modeling import count_parameters, describe_parameters
+    from lmtune.tasks import task_module
+    from lmtune.training.engine import resolve_precision
 
     check_run_dir(run_dir, overwrite, resume)
+    task = task_module(cfg.task)
     timings: dict[str, float] = {}
     t0 = time.time()
 
     # Everything that can reject the user's input runs before anything is written.
-    prepared = clm.prepare(cfg)
+    prepared = task.prepare(cfg)
     timings["prepare_s"] = time.time() - t0
-    model = clm.build_model(cfg, prepared.tokenizer)
+    model = task.build_model(cfg, prepared.tokenizer)
     params = count_parameters(model)
     log.info(describe_parameters(params))
-    key_ids: list[int] = []
-    if cfg.loss.type == "keytoken":
-        key_ids, skipped = keytoken_ids(prepared.tokenizer, cfg.loss.keywords)
-        if skipped:
-            log.info("keytoken loss: skipped multi-token keywords %s", ", ".join(map(repr, skipped)))
-        if not key_ids:
-            raise InputError("loss.keywords: none of the keywords is a single token of this tokenizer; "
-                             "choose shorter keywords or set loss.type: cross_entropy.")
-        log.info("keytoken loss: %d key token ids, alpha %g", len(key_ids), cfg.loss.alpha)
     precision = resolve_precision(cfg.training.precision)
 
     work = open_work_dir(run_dir, overwrite, resume)
     with _RunLog(work / "train.log"):
         try:
-            _train_in(work, cfg, prepared, model, key_ids, precision, resume, timings, t0, params)
+            _train_in(work, cfg, task, prepared, model, precision, resume, timings, t0, params)
         except BaseException as exc:
             log.error("run stopped (%s); what it wrote is kept in %s; continue it with --resume",
                       type(exc).__name__, work, exc_info=not isinstance(exc, KeyboardInterrupt | InputError))
@@ -156,35 +147,33 @@ def train(cfg: RecipeConfig, run_dir: Path, overwrite: bool = False, resume: boo
     return run_dir
 
 
-def _train_in(work: Path, cfg: RecipeConfig, prepared, model, key_ids, precision, resume, timings, t0, params):
+def _train_in(work: Path, cfg: RecipeConfig, task, prepared, model, precision, resume, timings, t0, params):
     """Evaluate, train, evaluate, save: everything that writes into the work dir."""
-    from lmtune.data.packing import BlockDataset
-    from lmtune.tasks import clm
+    from transformers.trainer_callback import PrinterCallback
+
     from lmtune.training.engine import JsonlLogCallback, LmtuneTrainer, PlainProgressCallback, training_arguments
 
     (work / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     log.info("precision: %s; run dir in progress: %s", precision, work)
 
     t = time.time()
-    before = clm.evaluate(model, prepared.validation, cfg.training.eval_batch_size or cfg.training.batch_size)
+    before = task.evaluate_run(model, prepared, cfg)
     timings["eval_before_s"] = time.time() - t
-    log.info("before training: validation perplexity %.2f (loss %.4f)", before["perplexity"], before["loss"])
+    log.info("before training: %s", task.headline(before))
 
-    args = training_arguments(cfg.training, work / "checkpoints", precision, has_eval=True)
+    args = training_arguments(cfg.training, work / "checkpoints", precision,
+                              has_eval=prepared.eval_dataset is not None)
     trainer = LmtuneTrainer(
         model=model,
         args=args,
         train_dataset=prepared.train,
-        eval_dataset=BlockDataset(prepared.validation),
+        eval_dataset=prepared.eval_dataset,
+        data_collator=prepared.collator,
         processing_class=prepared.tokenizer,
-        callbacks=[JsonlLogCallback(work / "log.jsonl")]
-        + ([PlainProgressCallback()] if args.disable_tqdm else []),
-        keytoken_ids=key_ids,
-        keytoken_alpha=cfg.loss.alpha,
+        callbacks=[JsonlLogCallback(work / "log.jsonl")] + ([PlainProgressCallback()] if args.disable_tqdm else []),
+        **prepared.trainer_kwargs,
     )
     if args.disable_tqdm:
-        from transformers.trainer_callback import PrinterCallback
-
         trainer.remove_callback(PrinterCallback)  # ours prints the same, one readable line per step
     checkpoint = latest_checkpoint(work / "checkpoints") if resume else None
     if resume:
@@ -195,22 +184,14 @@ def _train_in(work: Path, cfg: RecipeConfig, prepared, model, key_ids, precision
     model = trainer.model
 
     t = time.time()
-    after = clm.evaluate(model, prepared.validation, cfg.training.eval_batch_size or cfg.training.batch_size)
+    after = task.evaluate_run(model, prepared, cfg)
     timings["eval_after_s"] = time.time() - t
-    log.info("after training: validation perplexity %.2f (loss %.4f)", after["perplexity"], after["loss"])
+    log.info("after training: %s", task.headline(after))
 
     model_dir = work / "model"
     model.save_pretrained(str(model_dir), safe_serialization=True)
     prepared.tokenizer.save_pretrained(str(model_dir))
-
-    g = cfg.generation
-    samples = []
-    if g.prompts:
-        completions = clm.generate(model, prepared.tokenizer, g.prompts, g.max_new_tokens, g.do_sample,
-                                   g.temperature, g.top_k, g.top_p, g.num_return_sequences, seed=cfg.training.seed,
-                                   repetition_penalty=g.repetition_penalty,
-                                   no_repeat_ngram_size=g.no_repeat_ngram_size)
-        samples = [{"prompt": p, "completions": c} for p, c in zip(g.prompts, completions)]
+    samples = task.samples(model, prepared.tokenizer, cfg)
     timings["total_s"] = time.time() - t0
     metrics = {
         "task": cfg.task,

@@ -9,13 +9,13 @@ import torch
 from lmtune.config import FromScratchConfig, TrainingConfig
 from lmtune.data.packing import BlockDataset
 from lmtune.errors import InputError
-from lmtune.modeling import build_causal_lm, check_block_size, count_parameters
+from lmtune.modeling import build_from_scratch, check_block_size, count_parameters
 from lmtune.training.engine import LmtuneTrainer, resolve_precision, training_arguments
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_from_scratch_model_fits_tokenizer_and_context(arch, tiny_tokenizer):
-    model = build_causal_lm(FromScratchConfig(architecture=arch, n_layer=2, n_head=2, n_embd=32), tiny_tokenizer,
+    model = build_from_scratch(FromScratchConfig(architecture=arch, n_layer=2, n_head=2, n_embd=32), tiny_tokenizer,
                             block_size=24, seed=0)
     cfg = model.config
     assert cfg.vocab_size == len(tiny_tokenizer)
@@ -28,7 +28,7 @@ def test_from_scratch_model_fits_tokenizer_and_context(arch, tiny_tokenizer):
 
 
 def test_parameter_count_counts_tied_weights_once(tiny_tokenizer):
-    model = build_causal_lm(FromScratchConfig(n_layer=1, n_head=2, n_embd=32), tiny_tokenizer, 16, seed=0)
+    model = build_from_scratch(FromScratchConfig(n_layer=1, n_head=2, n_embd=32), tiny_tokenizer, 16, seed=0)
     counts = count_parameters(model)
     assert counts["total"] == sum(p.numel() for p in model.parameters())  # parameters() dedups tied ones
     assert counts["trainable_percent"] == 100.0
@@ -38,13 +38,13 @@ def test_parameter_count_counts_tied_weights_once(tiny_tokenizer):
 
 def test_seeded_build_is_reproducible(tiny_tokenizer):
     spec = FromScratchConfig(n_layer=1, n_head=2, n_embd=32)
-    a = build_causal_lm(spec, tiny_tokenizer, 16, seed=5).state_dict()
-    b = build_causal_lm(spec, tiny_tokenizer, 16, seed=5).state_dict()
+    a = build_from_scratch(spec, tiny_tokenizer, 16, seed=5).state_dict()
+    b = build_from_scratch(spec, tiny_tokenizer, 16, seed=5).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_weight_decay_spares_biases_and_layernorm(tiny_tokenizer, tmp_path):
-    model = build_causal_lm(FromScratchConfig(n_layer=1, n_head=2, n_embd=32), tiny_tokenizer, 16, seed=0)
+    model = build_from_scratch(FromScratchConfig(n_layer=1, n_head=2, n_embd=32), tiny_tokenizer, 16, seed=0)
     cfg = TrainingConfig(weight_decay=0.1, max_steps=1, precision="fp32")
     args = training_arguments(cfg, tmp_path, "fp32", has_eval=False)
     blocks = np.random.default_rng(0).integers(0, len(tiny_tokenizer), (8, 16), dtype=np.int32)

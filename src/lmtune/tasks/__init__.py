@@ -1,0 +1,14 @@
+"""One module per task family, each telling its whole story top to bottom. Each provides:
+`prepare(cfg) -> Prepared`, `build_model(cfg, tokenizer)`, `evaluate_run(model, prepared, cfg)`,
+`headline(metrics)`, `samples(model, tokenizer, cfg)`."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+TASK_MODULES = {"clm": "lmtune.tasks.clm", "mlm": "lmtune.tasks.mlm"}
+
+
+def task_module(name: str) -> ModuleType:
+    return importlib.import_module(TASK_MODULES[name])

@@ -10,29 +10,20 @@ same story with a different model origin.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lmtune.config import RecipeConfig
-from lmtune.data.packing import BlockDataset, StreamingBlockDataset, cache_root, prepare_blocks
-from lmtune.data.sources import (
-    Corpus,
-    SourceStats,
-    fingerprint_texts,
-    iter_documents,
-    load_corpus,
-    split_train_validation,
-)
+from lmtune.data.packing import BlockDataset, StreamingBlockDataset, prepare_blocks
+from lmtune.data.sources import Corpus, SourceStats, iter_documents, load_corpus
 from lmtune.errors import InputError
 from lmtune.metrics import perplexity
-from lmtune.modeling import build_causal_lm, check_block_size, load_causal_lm
-from lmtune.tokenizer import load_tokenizer, train_bpe_tokenizer
+from lmtune.modeling import build_from_scratch, check_block_size, load_pretrained
+from lmtune.tasks.common import Prepared, get_tokenizer, load_splits, seeded_subset
+from lmtune.training.losses import keytoken_ids
 
 log = logging.getLogger("lmtune")
 
@@ -40,68 +31,11 @@ log = logging.getLogger("lmtune")
 # Data
 
 
-@dataclass
-class Prepared:
-    tokenizer: object
-    train: torch.utils.data.Dataset
-    validation: np.ndarray
-    info: dict
-
-
-def load_splits(cfg: RecipeConfig) -> tuple[Corpus, Corpus]:
-    train = load_corpus(cfg.data.train, "data.train")
-    log.info(train.stats.summary("data.train"))
-    if cfg.data.validation is not None:
-        val = load_corpus(cfg.data.validation, "data.validation")
-        log.info(val.stats.summary("data.validation"))
-        return train, val
-    train_texts, val_texts = split_train_validation(train.texts, cfg.data.validation_fraction, cfg.data.split_seed)
-    log.info("held out %d of %d documents for validation (seed %d)", len(val_texts), len(train.texts),
-             cfg.data.split_seed)
-    return (
-        Corpus(train_texts, train.stats, fingerprint_texts(train_texts)),
-        Corpus(val_texts, SourceStats(documents=len(val_texts)), fingerprint_texts(val_texts)),
-    )
-
-
-def trained_tokenizer(cfg: RecipeConfig, corpus: Corpus):
-    """Train (or take from the cache) a byte-level BPE tokenizer on the training documents."""
-    from transformers import AutoTokenizer
-
-    tk = cfg.tokenizer
-    key = hashlib.sha256(
-        f"bpe1|{corpus.fingerprint}|{tk.vocab_size}|{tk.min_frequency}|{tk.max_training_bytes}".encode()
-    ).hexdigest()[:24]
-    cached = cache_root() / "tokenizers" / key
-    if (cached / "tokenizer.json").is_file():
-        log.info("tokenizer: reusing the one trained earlier on this corpus (%s)", cached)
-        return AutoTokenizer.from_pretrained(str(cached))
-    log.info("tokenizer: training byte-level BPE, vocab %d, on %d documents", tk.vocab_size, len(corpus.texts))
-    tokenizer = train_bpe_tokenizer(corpus.texts, tk.vocab_size, tk.min_frequency, tk.max_training_bytes,
-                                    model_max_length=_context_length(cfg))
-    tmp = cached.with_name(key + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tokenizer.save_pretrained(str(tmp))
-        tmp.replace(cached)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # caching is an optimisation; training goes on
-    return tokenizer
-
-
-def _context_length(cfg: RecipeConfig) -> int:
-    fs = cfg.model.from_scratch
-    return (fs.n_positions if fs and fs.n_positions else None) or cfg.data.block_size
-
-
-def get_tokenizer(cfg: RecipeConfig, train: Corpus | None):
-    if cfg.tokenizer.train:
-        return trained_tokenizer(cfg, train)
-    name = cfg.model.tokenizer or cfg.model.name_or_path
-    tokenizer = load_tokenizer(name, trust_remote_code=cfg.model.trust_remote_code)
+def get_clm_tokenizer(cfg: RecipeConfig, train: Corpus | None):
+    tokenizer = get_tokenizer(cfg, train)
     if tokenizer.eos_token_id is None and cfg.data.packing == "concat":
-        raise InputError(f"tokenizer '{name}' has no EOS token, which concat packing puts between documents; "
-                         "set data.packing: overflow or use a tokenizer with an EOS token.")
+        raise InputError(f"tokenizer '{cfg.model.tokenizer or cfg.model.name_or_path}' has no EOS token, which "
+                         "concat packing puts between documents; set data.packing: overflow or use another tokenizer.")
     return tokenizer
 
 
@@ -124,8 +58,9 @@ def prepare(cfg: RecipeConfig) -> Prepared:
     if cfg.data.train.streaming:
         return prepare_streaming(cfg)
     train, val = load_splits(cfg)
-    tokenizer = get_tokenizer(cfg, train)
-    train_blocks = blocks_for(train, tokenizer, cfg, "data.train")
+    tokenizer = get_clm_tokenizer(cfg, train)
+    train_blocks = seeded_subset(blocks_for(train, tokenizer, cfg, "data.train"), cfg.data.max_train_blocks,
+                                 cfg.data.split_seed)
     val_blocks = blocks_for(val, tokenizer, cfg, "data.validation")
     if cfg.data.max_validation_blocks is not None:
         val_blocks = val_blocks[: cfg.data.max_validation_blocks]
@@ -137,7 +72,9 @@ def prepare(cfg: RecipeConfig) -> Prepared:
         "block_size": cfg.data.block_size,
         "source": train.stats.summary("data.train"),
     }
-    return Prepared(tokenizer, BlockDataset(train_blocks), np.asarray(val_blocks), info)
+    val_blocks = np.asarray(val_blocks)
+    return Prepared(tokenizer, BlockDataset(train_blocks), val_blocks, info, eval_dataset=BlockDataset(val_blocks),
+                    trainer_kwargs=keytoken_kwargs(cfg, tokenizer))
 
 
 def prepare_streaming(cfg: RecipeConfig) -> Prepared:
@@ -150,7 +87,7 @@ def prepare_streaming(cfg: RecipeConfig) -> Prepared:
         raise InputError("data.train.streaming cannot train a tokenizer on the stream; train one first with "
                          "`lmtune tokenizer train` and set model.tokenizer to it.")
     val = load_corpus(cfg.data.validation, "data.validation")
-    tokenizer = get_tokenizer(cfg, None)
+    tokenizer = get_clm_tokenizer(cfg, None)
     val_blocks = blocks_for(val, tokenizer, cfg, "data.validation")[: cfg.data.max_validation_blocks or None]
 
     def texts():
@@ -158,7 +95,23 @@ def prepare_streaming(cfg: RecipeConfig) -> Prepared:
 
     train = StreamingBlockDataset(texts, tokenizer, cfg.data.block_size, cfg.data.packing)
     info = {"streaming": True, "validation_blocks": int(len(val_blocks)), "block_size": cfg.data.block_size}
-    return Prepared(tokenizer, train, np.asarray(val_blocks), info)
+    val_blocks = np.asarray(val_blocks)
+    return Prepared(tokenizer, train, val_blocks, info, eval_dataset=BlockDataset(val_blocks),
+                    trainer_kwargs=keytoken_kwargs(cfg, tokenizer))
+
+
+def keytoken_kwargs(cfg: RecipeConfig, tokenizer) -> dict:
+    """The keytoken-weighted loss's key ids (single-token keywords only; the rest are reported)."""
+    if cfg.loss.type != "keytoken":
+        return {}
+    ids, skipped = keytoken_ids(tokenizer, cfg.loss.keywords)
+    if skipped:
+        log.info("keytoken loss: skipped multi-token keywords %s", ", ".join(map(repr, skipped)))
+    if not ids:
+        raise InputError("loss.keywords: none of the keywords is a single token of this tokenizer; "
+                         "choose shorter keywords or set loss.type: cross_entropy.")
+    log.info("keytoken loss: %d key token ids, alpha %g", len(ids), cfg.loss.alpha)
+    return {"keytoken_ids": ids, "keytoken_alpha": cfg.loss.alpha}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,9 +120,9 @@ def prepare_streaming(cfg: RecipeConfig) -> Prepared:
 
 def build_model(cfg: RecipeConfig, tokenizer):
     if cfg.model.from_scratch is not None:
-        model = build_causal_lm(cfg.model.from_scratch, tokenizer, cfg.data.block_size, cfg.training.seed)
+        model = build_from_scratch(cfg.model.from_scratch, tokenizer, cfg.data.block_size, cfg.training.seed, "clm")
     else:
-        model = load_causal_lm(cfg.model)
+        model = load_pretrained(cfg.model, "clm")
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
     check_block_size(model.config, cfg.data.block_size)
@@ -180,6 +133,14 @@ def build_model(cfg: RecipeConfig, tokenizer):
 
 # --------------------------------------------------------------------------------------------------
 # Evaluation
+
+
+def evaluate_run(model, prepared: Prepared, cfg: RecipeConfig) -> dict:
+    return evaluate(model, prepared.validation, cfg.training.eval_batch_size or cfg.training.batch_size)
+
+
+def headline(metrics: dict) -> str:
+    return f"validation perplexity {metrics['perplexity']:.2f} (loss {metrics['loss']:.4f})"
 
 
 @torch.no_grad()
@@ -240,6 +201,17 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, do_
     texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     n = num_return_sequences
     return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+def samples(model, tokenizer, cfg: RecipeConfig) -> list[dict]:
+    """Completions of the recipe's prompts, stored in metrics.json."""
+    g = cfg.generation
+    if not g.prompts:
+        return []
+    completions = generate(model, tokenizer, g.prompts, g.max_new_tokens, g.do_sample, g.temperature, g.top_k,
+                           g.top_p, g.num_return_sequences, seed=cfg.training.seed,
+                           repetition_penalty=g.repetition_penalty, no_repeat_ngram_size=g.no_repeat_ngram_size)
+    return [{"prompt": p, "completions": c} for p, c in zip(g.prompts, completions)]
 
 
 def load_for_inference(model_dir: str | Path):

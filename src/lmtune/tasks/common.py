@@ -1,0 +1,100 @@
+"""What every text task shares: the prepared bundle, train/validation corpora, the tokenizer."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lmtune.config import RecipeConfig
+from lmtune.data.packing import cache_root
+from lmtune.data.sources import Corpus, SourceStats, fingerprint_texts, load_corpus, split_train_validation
+from lmtune.tokenizer import load_tokenizer, train_tokenizer
+
+log = logging.getLogger("lmtune")
+
+
+@dataclass
+class Prepared:
+    """What a task's `prepare` hands to the pipeline."""
+
+    tokenizer: Any
+    train: Any  # a torch Dataset (or IterableDataset) for the Trainer
+    validation: Any  # what the task's `evaluate` reads (fixed, so before/after compare the same thing)
+    info: dict
+    eval_dataset: Any = None  # for the Trainer's periodic evaluation
+    collator: Any = None  # the Trainer's data collator (None: stack the tensors)
+    trainer_kwargs: dict = field(default_factory=dict)
+
+
+def load_splits(cfg: RecipeConfig) -> tuple[Corpus, Corpus]:
+    train = load_corpus(cfg.data.train, "data.train")
+    log.info(train.stats.summary("data.train"))
+    if cfg.data.validation is not None:
+        val = load_corpus(cfg.data.validation, "data.validation")
+        log.info(val.stats.summary("data.validation"))
+        return train, val
+    train_texts, val_texts = split_train_validation(train.texts, cfg.data.validation_fraction, cfg.data.split_seed)
+    log.info("held out %d of %d documents for validation (seed %d)", len(val_texts), len(train.texts),
+             cfg.data.split_seed)
+    return (
+        Corpus(train_texts, train.stats, fingerprint_texts(train_texts)),
+        Corpus(val_texts, SourceStats(documents=len(val_texts)), fingerprint_texts(val_texts)),
+    )
+
+
+def tokenizer_style(cfg: RecipeConfig) -> str:
+    arch = cfg.model.from_scratch.architecture if cfg.model.from_scratch else "gpt2"
+    return {"bert": "bert", "roberta": "roberta"}.get(arch, "gpt2")
+
+
+def context_length(cfg: RecipeConfig) -> int:
+    fs = cfg.model.from_scratch
+    return (fs.n_positions if fs and fs.n_positions else None) or cfg.data.block_size
+
+
+def trained_tokenizer(cfg: RecipeConfig, corpus: Corpus):
+    """Train (or take from the cache) a tokenizer on the training documents."""
+    from transformers import AutoTokenizer
+
+    tk = cfg.tokenizer
+    style = tokenizer_style(cfg)
+    key = hashlib.sha256(
+        f"tok2|{style}|{corpus.fingerprint}|{tk.vocab_size}|{tk.min_frequency}|{tk.max_training_bytes}|"
+        f"{context_length(cfg)}".encode()
+    ).hexdigest()[:24]
+    cached = cache_root() / "tokenizers" / key
+    if (cached / "tokenizer.json").is_file():
+        log.info("tokenizer: reusing the one trained earlier on this corpus (%s)", cached)
+        return AutoTokenizer.from_pretrained(str(cached))
+    kind = "WordPiece" if style == "bert" else "byte-level BPE"
+    log.info("tokenizer: training %s, vocab %d, on %d documents", kind, tk.vocab_size, len(corpus.texts))
+    tokenizer = train_tokenizer(corpus.texts, tk.vocab_size, tk.min_frequency, tk.max_training_bytes,
+                                model_max_length=context_length(cfg), style=style)
+    tmp = cached.with_name(key + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tokenizer.save_pretrained(str(tmp))
+        tmp.replace(cached)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # caching is an optimisation; training goes on
+    return tokenizer
+
+
+def get_tokenizer(cfg: RecipeConfig, train: Corpus | None):
+    if cfg.tokenizer.train:
+        return trained_tokenizer(cfg, train)
+    name = cfg.model.tokenizer or cfg.model.name_or_path
+    return load_tokenizer(name, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def seeded_subset(rows: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
+    """At most `limit` rows, chosen at random with `seed` (the tutorials' downsampling), in order."""
+    if limit is None or len(rows) <= limit:
+        return rows
+    keep = np.sort(np.random.default_rng(seed).permutation(len(rows))[:limit])
+    return rows[keep]
