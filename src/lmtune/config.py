@@ -35,6 +35,8 @@ class SourceConfig(Section):
     )
     split: str = Field("train", description="Hub split, slicing allowed: 'train[:5000]'.")
     config_name: str | None = Field(None, description="Hub dataset configuration (subset).")
+    match: dict[str, str | int | float | bool] | None = Field(
+        None, description="Keep only records whose fields equal these values, e.g. {split: train}.")
     keywords: list[str] = Field(default_factory=list, description="Keep only documents mentioning them.")
     keyword_mode: Literal["any", "none"] = Field(
         "any", description="'any': keep documents containing a keyword; 'none': keep those containing none."

@@ -12,12 +12,14 @@ from lmtune.config import load_recipe
 from ..conftest import REPO
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
-HUB_RECIPES = ["clm-eli5-distilgpt2.yaml", "clm-wikitext2-distilgpt2.yaml", "codeparrot-ds.yaml"]
+HUB_RECIPES = ["clm-eli5-distilgpt2.yaml", "clm-wikitext2-distilgpt2.yaml", "codeparrot-ds.yaml",
+               "mlm-imdb-distilbert.yaml", "mlm-wikitext2-distilroberta.yaml"]
 
 
 def test_recipes_exist():
     names = {p.name for p in RECIPES}
-    assert {"codeparrot-local.yaml", "clm-finetune-stdlib-local.yaml", *HUB_RECIPES} <= names
+    assert {"codeparrot-local.yaml", "clm-finetune-stdlib-local.yaml", "mlm-bert-scratch-local.yaml",
+            "mlm-imdb-minilm-local.yaml", *HUB_RECIPES} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
@@ -37,6 +39,10 @@ def test_tutorial_hyperparameters_are_the_tutorials():
     assert (cp.data.block_size, t.batch_size, t.gradient_accumulation_steps, t.lr_scheduler, t.warmup_steps,
             t.learning_rate, t.weight_decay) == (128, 32, 8, "cosine", 1000, 5e-4, 0.1)
     assert cp.data.packing == "overflow"
+    imdb = load_recipe(REPO / "recipes" / "mlm-imdb-distilbert.yaml")
+    assert (imdb.task, imdb.data.block_size, imdb.data.max_train_blocks, imdb.data.max_validation_blocks) == (
+        "mlm", 128, 10000, 1000)
+    assert (imdb.training.learning_rate, imdb.training.weight_decay, imdb.mlm.mlm_probability) == (2e-5, 0.01, 0.15)
 
 
 @pytest.mark.parametrize("name", HUB_RECIPES)

@@ -669,3 +669,24 @@ def test_empty_corpus_of_blank_files(tmp_path):
     (tmp_path / "blank.txt").write_text("\n \n")
     msg = error_of(tmp_path)
     assert "corpus is empty" in msg and "after the keyword filter" not in msg
+
+
+def test_match_filters_records_in_every_table_format(tmp_path):
+    import csv as _csv
+
+    import pyarrow as _pa
+    import pyarrow.parquet as _pq
+
+    rows = [{"text": f"t{i}", "split": "train" if i % 2 else "test", "label": i % 3} for i in range(9)]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with open(tmp_path / "b.csv", "w", newline="") as fh:
+        writer = _csv.DictWriter(fh, fieldnames=["text", "split", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    _pq.write_table(_pa.Table.from_pylist(rows), tmp_path / "c.parquet")
+    want = [r["text"] for r in rows if r["split"] == "train" and r["label"] == 1]
+    for name in ("a.jsonl", "b.csv", "c.parquet"):
+        got = load_corpus(SourceConfig(path=str(tmp_path / name), match={"split": "train", "label": 1}), "d").texts
+        assert got == want, name
+    with pytest.raises(InputError, match="no field 'nope' named in match"):
+        load_corpus(SourceConfig(path=str(tmp_path / "a.jsonl"), match={"nope": 1}), "d")

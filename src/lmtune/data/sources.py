@@ -221,12 +221,26 @@ def decode(data: bytes) -> str | None:
         return None
 
 
-def _record_text(record: Any, text_field: str, location: str, where: str) -> str | None:
+def record_matches(record: dict, match: dict | None, location: str, where: str) -> bool:
+    """Equality filter on record fields (e.g. {"split": "train"}); a field that is absent is an error."""
+    for key, wanted in (match or {}).items():
+        try:
+            value = get_field(record, key)
+        except KeyError:
+            raise InputError(f"{where}: {location} has no field '{key}' named in match; fix match.") from None
+        if value != wanted and str(value) != str(wanted):
+            return False
+    return True
+
+
+def _record_text(record: Any, text_field: str, location: str, where: str, match: dict | None = None) -> str | None:
     if not isinstance(record, dict):
         raise InputError(
             f"{where}: {location} is a {type(record).__name__}, not an object with a '{text_field}' field; "
             "each record must be a JSON object."
         )
+    if match and not record_matches(record, match, location, where):
+        return None
     try:
         value = get_field(record, text_field)
     except KeyError:
@@ -242,9 +256,10 @@ def _record_text(record: Any, text_field: str, location: str, where: str) -> str
         ) from None
 
 
-def iter_table_file(path: Path, suffix: str, text_field: str, where: str, stats: SourceStats) -> Iterator[str]:
+def iter_table_file(path: Path, suffix: str, text_field: str, where: str, stats: SourceStats,
+                    match: dict | None = None) -> Iterator[str]:
     if suffix == ".parquet":
-        yield from _iter_parquet(path, text_field, where, stats)
+        yield from _iter_parquet(path, text_field, where, stats, match)
         return
     data = read_bytes(path, where)
     stats.bytes_seen += len(data)
@@ -262,7 +277,7 @@ def iter_table_file(path: Path, suffix: str, text_field: str, where: str, stats:
                 raise InputError(
                     f"{where}: line {lineno} of '{path}' is not valid JSON ({exc.msg}); fix or remove that line."
                 ) from None
-            text = _record_text(record, text_field, f"line {lineno} of '{path}'", where)
+            text = _record_text(record, text_field, f"line {lineno} of '{path}'", where, match)
             if text:
                 stats.bytes_kept += len(raw)
                 yield text
@@ -285,15 +300,16 @@ def iter_table_file(path: Path, suffix: str, text_field: str, where: str, stats:
                 "convert it to JSON Lines with one object per line."
             )
         for i, record in enumerate(records):
-            value = _record_text(record, text_field, f"record {i} of '{path}'", where)
+            value = _record_text(record, text_field, f"record {i} of '{path}'", where, match)
             if value:
                 stats.bytes_kept += len(value.encode("utf-8", "surrogatepass"))
                 yield value
         return
-    yield from _iter_csv(path, text, suffix, text_field, where, stats)
+    yield from _iter_csv(path, text, suffix, text_field, where, stats, match)
 
 
-def _iter_csv(path: Path, text: str, suffix: str, text_field: str, where: str, stats: SourceStats) -> Iterator[str]:
+def _iter_csv(path: Path, text: str, suffix: str, text_field: str, where: str, stats: SourceStats,
+              match: dict | None = None) -> Iterator[str]:
     """CSV / TSV through the standard csv module: it reports ragged rows, which we refuse."""
     if csv.field_size_limit() < CSV_FIELD_LIMIT:
         csv.field_size_limit(CSV_FIELD_LIMIT)
@@ -316,6 +332,9 @@ def _iter_csv(path: Path, text: str, suffix: str, text_field: str, where: str, s
                     f"{where}: row at line {reader.line_num} of '{path}' has {len(row)} fields where the header "
                     f"has {len(header)}; fix the quoting or the separators there."
                 )
+            if match and not record_matches(dict(zip(header, row)), match, f"line {reader.line_num} of '{path}'",
+                                            where):
+                continue
             if row[col]:
                 stats.bytes_kept += len(row[col].encode("utf-8", "surrogatepass"))
                 yield row[col]
@@ -326,7 +345,8 @@ def _iter_csv(path: Path, text: str, suffix: str, text_field: str, where: str, s
         ) from None
 
 
-def _iter_parquet(path: Path, text_field: str, where: str, stats: SourceStats) -> Iterator[str]:
+def _iter_parquet(path: Path, text_field: str, where: str, stats: SourceStats,
+                  match: dict | None = None) -> Iterator[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -349,9 +369,10 @@ def _iter_parquet(path: Path, text_field: str, where: str, stats: SourceStats) -
         )
     row = 0
     try:
-        for batch in parquet.iter_batches(columns=[column], batch_size=4096):
+        wanted = [column, *(k.split(".")[0] for k in (match or {}) if k.split(".")[0] in names)]
+        for batch in parquet.iter_batches(columns=list(dict.fromkeys(wanted)), batch_size=4096):
             for record in batch.to_pylist():
-                text = _record_text(record, text_field, f"row {row} of '{path}'", where)
+                text = _record_text(record, text_field, f"row {row} of '{path}'", where, match)
                 row += 1
                 if text:
                     stats.bytes_kept += len(text.encode("utf-8", "surrogatepass"))
@@ -378,7 +399,7 @@ def iter_file_documents(src: SourceConfig, where: str, stats: SourceStats) -> It
             yield from docs
         else:
             before = stats.bytes_kept
-            yield from iter_table_file(path, suffix, src.text_field, where, stats)
+            yield from iter_table_file(path, suffix, src.text_field, where, stats, src.match)
             if stats.bytes_kept > before:
                 stats.files_kept += 1
 
@@ -454,7 +475,7 @@ def iter_hub_documents(src: SourceConfig, where: str) -> Iterator[str]:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise InputError(f"{where}: cannot load Hub dataset '{dataset_id}' split '{src.split}' ({first}).") from None
     for i, record in enumerate(ds):
-        text = _record_text(record, src.text_field, f"row {i} of '{dataset_id}'", where)
+        text = _record_text(record, src.text_field, f"row {i} of '{dataset_id}'", where, src.match)
         if text:
             yield text
 
