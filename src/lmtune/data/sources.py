@@ -398,10 +398,12 @@ def iter_file_documents(src: SourceConfig, where: str, stats: SourceStats) -> It
                 stats.bytes_kept += len(data)
             yield from docs
         else:
-            before = stats.bytes_kept
-            yield from iter_table_file(path, suffix, src.text_field, where, stats, src.match)
-            if stats.bytes_kept > before:
-                stats.files_kept += 1
+            first = True
+            for text in iter_table_file(path, suffix, src.text_field, where, stats, src.match):
+                if first:  # counted on the first document: a reader may stop early (max_documents)
+                    stats.files_kept += 1
+                    first = False
+                yield text
 
 
 # --------------------------------------------------------------------------------------------------
