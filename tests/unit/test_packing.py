@@ -25,8 +25,10 @@ from lmtune.data.packing import (
     prepare_blocks,
     stream_blocks,
     tokenize_texts,
+    tokenize_to_arrays,
     tokenizer_fingerprint,
 )
+from lmtune.data.packing import _batches
 from lmtune.data.sources import fingerprint_texts
 
 from ..conftest import WORDS, make_documents
@@ -181,6 +183,30 @@ def test_tokenize_texts_adds_no_special_tokens(tiny_tokenizer):
     got = list(tokenize_texts(tok, texts, batch_size=3))
     assert got == [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     assert all(ids[0] != eos for ids in got)
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(0, 50), max_size=30), max_docs=st.integers(1, 8), max_chars=st.integers(1, 120))
+def test_batches_keep_order_and_bounds(lengths, max_docs, max_chars):
+    texts = ["x" * n for n in lengths]
+    batches = list(_batches(texts, max_docs, max_chars))
+    assert [t for b in batches for t in b] == texts
+    for b in batches:
+        assert 1 <= len(b) <= max_docs
+        # a batch goes over the character budget only when it is a single long document
+        assert sum(map(len, b)) <= max_chars or len(b) == 1
+
+
+def test_tokenize_to_arrays_with_a_small_character_budget_equals_the_tokenizer(tiny_tokenizer):
+    texts = TRICKY_TEXTS + make_documents(30, seed=14, min_words=0)
+    got = list(tokenize_texts(tiny_tokenizer, texts, max_batch_chars=200))
+    assert got == wrapper_ids(tiny_tokenizer, texts)
+    arrays = tokenize_to_arrays(tiny_tokenizer, texts)
+    assert all(a.dtype == np.int32 for a in arrays)
+    assert [a.tolist() for a in arrays] == got
+    # packing arrays and packing lists give the same blocks
+    assert np.array_equal(pack(arrays, 16, "concat", EOS), pack(got, 16, "concat", EOS))
+    assert np.array_equal(pack(arrays, 16, "overflow", None), pack(got, 16, "overflow", None))
 
 
 @settings(max_examples=40, deadline=None)

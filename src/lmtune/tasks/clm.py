@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import default_data_collator
 
 from lmtune.config import RecipeConfig
 from lmtune.data.packing import BlockDataset, StreamingBlockDataset, prepare_blocks
@@ -74,7 +75,7 @@ def prepare(cfg: RecipeConfig) -> Prepared:
     }
     val_blocks = np.asarray(val_blocks)
     return Prepared(tokenizer, BlockDataset(train_blocks), val_blocks, info, eval_dataset=BlockDataset(val_blocks),
-                    trainer_kwargs=keytoken_kwargs(cfg, tokenizer))
+                    collator=default_data_collator, trainer_kwargs=keytoken_kwargs(cfg, tokenizer))
 
 
 def prepare_streaming(cfg: RecipeConfig) -> Prepared:
@@ -97,7 +98,7 @@ def prepare_streaming(cfg: RecipeConfig) -> Prepared:
     info = {"streaming": True, "validation_blocks": int(len(val_blocks)), "block_size": cfg.data.block_size}
     val_blocks = np.asarray(val_blocks)
     return Prepared(tokenizer, train, val_blocks, info, eval_dataset=BlockDataset(val_blocks),
-                    trainer_kwargs=keytoken_kwargs(cfg, tokenizer))
+                    collator=default_data_collator, trainer_kwargs=keytoken_kwargs(cfg, tokenizer))
 
 
 def keytoken_kwargs(cfg: RecipeConfig, tokenizer) -> dict:

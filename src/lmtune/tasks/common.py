@@ -27,7 +27,9 @@ class Prepared:
     validation: Any  # what the task's `evaluate` reads (fixed, so before/after compare the same thing)
     info: dict
     eval_dataset: Any = None  # for the Trainer's periodic evaluation
-    collator: Any = None  # the Trainer's data collator (None: stack the tensors)
+    # The Trainer's data collator. Left None the Trainer picks DataCollatorWithPadding for a tokenizer,
+    # which re-pads blocks that are already equal-length; tasks set it explicitly.
+    collator: Any = None
     trainer_kwargs: dict = field(default_factory=dict)
 
 

@@ -1,0 +1,41 @@
+"""Measuring on a small shared machine, for the benchmark scripts: how busy the other processes keep
+the CPUs (from /proc/stat), waiting for quiet, and this process's memory from /proc/self/status."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def busy_seconds() -> float:
+    """CPU seconds all processes have spent busy since boot (every CPU together)."""
+    with open("/proc/stat") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def wait_until_quiet(max_wait: float, threshold: float = 0.1) -> float:
+    """Sleep (at most max_wait seconds) until other processes use less than `threshold` of the CPUs
+    over one second; returns the last share seen."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        b0, t0 = busy_seconds(), time.monotonic()
+        time.sleep(1.0)
+        share = (busy_seconds() - b0) / ((time.monotonic() - t0) * os.cpu_count())
+        if share < threshold or time.monotonic() >= deadline:
+            return share
+
+
+def status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM). Not getrusage: on Linux ru_maxrss survives
+    exec, so a child started by a big parent would report the parent's size."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
