@@ -39,3 +39,28 @@ def status_kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def run_recipe(repo, recipe: str, overrides: list[str]) -> tuple[dict, float, float]:
+    """`lmtune train RECIPE --set ...` in a child process, into a temporary run dir: the run's
+    metrics.json, its wall seconds and its peak RSS in MiB (the child is started by this small
+    process, so getrusage's children peak is the child's own)."""
+    import json
+    import resource
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "lmtune", "train", str(Path(repo) / "recipes" / recipe), "--output", str(run)]
+        for item in overrides:
+            cmd += ["--set", item]
+        start = time.time()
+        proc = subprocess.run(cmd, cwd=repo, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        wall = time.time() - start
+        if proc.returncode != 0:
+            raise SystemExit(f"training failed with exit code {proc.returncode}")
+        metrics = json.loads((run / "metrics.json").read_text())
+    return metrics, wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024

@@ -12,13 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
+
+from _machine import run_recipe  # benchmarks/_machine.py
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,25 +31,11 @@ def main() -> None:
     imdb = Path(args.data) / "imdb" / "imdb_aclImdb_v1_50k.jsonl.gz"
     if not imdb.is_file():
         raise SystemExit(f"IMDB data not found at {imdb}; pass --data PATH_TO_SHARED_DATA")
-    with tempfile.TemporaryDirectory() as tmp:
-        run = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "lmtune", "train", str(REPO / "recipes" / "mlm-imdb-minilm-local.yaml"),
-               "--output", str(run),
-               "--set", f"data.train.path={imdb}", "--set", f"data.validation.path={imdb}",
-               "--set", f"data.max_train_blocks={args.train_chunks}",
-               "--set", f"data.max_validation_blocks={args.eval_chunks}",
-               "--set", f"training.num_epochs={args.epochs}",
-               "--set", f"mlm.whole_word_mask={str(args.whole_word).lower()}",
-               "--set", "training.save_strategy=no"]
-        for extra in args.set:
-            cmd += ["--set", extra]
-        start = time.time()
-        proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        wall = time.time() - start
-        if proc.returncode != 0:
-            raise SystemExit(f"training failed with exit code {proc.returncode}")
-        metrics = json.loads((run / "metrics.json").read_text())
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    overrides = [f"data.train.path={imdb}", f"data.validation.path={imdb}",
+                 f"data.max_train_blocks={args.train_chunks}", f"data.max_validation_blocks={args.eval_chunks}",
+                 f"training.num_epochs={args.epochs}", f"mlm.whole_word_mask={str(args.whole_word).lower()}",
+                 "training.save_strategy=no", *args.set]
+    metrics, wall, peak_mb = run_recipe(REPO, "mlm-imdb-minilm-local.yaml", overrides)
     print(json.dumps({
         "bench": "mlm_imdb",
         "model": "all-MiniLM-L6-v2",

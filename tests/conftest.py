@@ -30,6 +30,17 @@ def make_documents(n: int, seed: int = 0, min_words: int = 5, max_words: int = 6
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))) for _ in range(n)]
 
 
+def with_changes(recipe: dict, changes: dict) -> dict:
+    """The recipe with dotted keys set: {"training.max_steps": 1} -> recipe["training"]["max_steps"] = 1."""
+    for key, value in changes.items():
+        node = recipe
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return recipe
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     from lmtune.tokenizer import train_bpe_tokenizer

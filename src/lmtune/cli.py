@@ -94,6 +94,8 @@ def task_of(path: str) -> str:
         architectures = json.loads(model_config.read_text()).get("architectures") or []
         if any(a.endswith("ForMaskedLM") for a in architectures):
             return "mlm"
+        if any(a.endswith("ForQuestionAnswering") for a in architectures):
+            return "qa"
     return "clm"
 
 
@@ -112,8 +114,13 @@ def _prompts(args) -> list[str]:
 def cmd_predict(args) -> int:
     from lmtune.tasks import clm
 
-    if task_of(args.run) == "mlm":
+    task = task_of(args.run)
+    if task != "qa" and (args.question or args.context):
+        raise InputError(f"--question/--context are for question-answering models; '{args.run}' is a {task} model.")
+    if task == "mlm":
         return predict_mlm(args)
+    if task == "qa":
+        return predict_qa(args)
 
     prompts = _prompts(args)
     model, tokenizer = clm.load_for_inference(_model_dir(args.run))
@@ -134,6 +141,51 @@ def predict_mlm(args) -> int:
     prompts = _prompts(args)
     model, tokenizer = mlm.load_for_inference(_model_dir(args.run))
     for result in mlm.fill_mask(model, tokenizer, prompts, top_k=args.top_k or 5):
+        print(json.dumps(result, ensure_ascii=False))
+    return 0
+
+
+def _qa_pairs(args) -> list[dict]:
+    """--question/--context, and/or --file with one JSON object {question, context} per line."""
+    pairs = []
+    if args.question or args.context:
+        if not (args.question and args.context):
+            raise InputError("give both --question and --context (or --file with question/context lines).")
+        pairs.append({"question": args.question, "context": args.context})
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise InputError(f"--file '{path}' does not exist; give a JSON Lines file of {{question, context}} objects.")
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"--file: line {lineno} of '{path}' is not valid JSON ({exc.msg}); "
+                                 "write one {\"question\": ..., \"context\": ...} object per line.") from None
+            if not isinstance(record, dict) or not {"question", "context"} <= set(record):
+                raise InputError(f"--file: line {lineno} of '{path}' needs the fields question and context.")
+            pairs.append(record)
+    if args.prompts:
+        raise InputError("a question-answering model takes --question and --context (or --file), not prompts.")
+    if not pairs:
+        raise InputError("no question given; pass --question Q --context C, or --file with question/context lines.")
+    return pairs
+
+
+def predict_qa(args) -> int:
+    from lmtune.config import QAConfig
+    from lmtune.tasks import qa
+
+    settings = QAConfig()
+    run_config = Path(args.run) / "config.yaml"
+    if run_config.is_file():  # the windows the model was trained with
+        import yaml
+
+        settings = QAConfig(**(yaml.safe_load(run_config.read_text()) or {}).get("qa", {}))
+    model, tokenizer = qa.load_for_inference(_model_dir(args.run))
+    for result in qa.answer_questions(model, tokenizer, _qa_pairs(args), settings):
         print(json.dumps(result, ensure_ascii=False))
     return 0
 
@@ -204,10 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-blocks", type=int)
     e.set_defaults(func=cmd_eval)
 
-    pr = sub.add_parser("predict", help="complete prompts (causal LM) or fill masks (masked LM) with a run's model")
+    pr = sub.add_parser("predict", help="complete prompts (causal LM), fill masks (masked LM) or answer questions "
+                        "(QA) with a run's model")
     pr.add_argument("run", help="a run dir or a model folder")
     pr.add_argument("prompts", nargs="*")
-    pr.add_argument("--file", help="more prompts, one per line")
+    pr.add_argument("--file", help="more prompts, one per line (QA: JSON Lines of {question, context})")
+    pr.add_argument("--question", help="QA: the question")
+    pr.add_argument("--context", help="QA: the text that holds the answer")
     pr.add_argument("--max-new-tokens", type=int, default=64)
     pr.add_argument("--temperature", type=float, default=0.0, help="0 means greedy decoding")
     pr.add_argument("--top-k", type=int, help="sampling top-k (50); for a masked LM, fills per mask (5)")

@@ -157,6 +157,34 @@ class MLMConfig(Section):
         return self
 
 
+class QASample(Section):
+    question: str = Field(..., min_length=1)
+    context: str = Field(..., min_length=1)
+
+
+class QAConfig(Section):
+    """Extractive question answering (task qa): windows over long contexts and n-best answers."""
+
+    max_length: int = Field(384, ge=16, description="Tokens per window: question + context + special tokens.")
+    stride: int = Field(128, ge=0, description="Tokens shared by consecutive windows of one context.")
+    n_best: int = Field(20, ge=1, description="Start and end candidates per window.")
+    max_answer_length: int = Field(30, ge=1, description="Longest answer, in tokens.")
+    version_2: bool = Field(False, description="SQuAD v2: questions may have no answer (the empty answer).")
+    null_score_threshold: float = Field(0.0, description="v2: answer empty when null score - best score > this.")
+    max_bad_answer_fraction: float = Field(
+        0.01, ge=0, le=1, description="Examples whose answer_start misses the answer text are skipped up to "
+        "this share of a split; above it the data is refused.")
+    max_train_examples: int | None = Field(None, gt=0, description="A seeded random subset of training examples.")
+    max_validation_examples: int | None = Field(None, gt=0)
+    samples: list[QASample] = Field(default_factory=list, description="Answered after training; in metrics.json.")
+
+    @model_validator(mode="after")
+    def _stride_fits(self) -> QAConfig:
+        if self.stride >= self.max_length // 2:
+            raise ValueError(f"stride {self.stride} must be below half of max_length {self.max_length}")
+        return self
+
+
 class TrainingConfig(Section):
     learning_rate: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -204,7 +232,7 @@ class OutputConfig(Section):
 
 
 class RecipeConfig(Section):
-    task: Literal["clm", "mlm"] = "clm"
+    task: Literal["clm", "mlm", "qa"] = "clm"
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     description: str = ""
     model: ModelConfig
@@ -212,6 +240,7 @@ class RecipeConfig(Section):
     data: DataConfig
     loss: LossConfig = Field(default_factory=LossConfig)
     mlm: MLMConfig = Field(default_factory=MLMConfig)
+    qa: QAConfig = Field(default_factory=QAConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)

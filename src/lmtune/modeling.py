@@ -50,6 +50,24 @@ def check_block_size(config, block_size: int, where: str = "data.block_size") ->
         )
 
 
+def position_offset(config) -> int:
+    # RoBERTa-style models spend padding_idx + 1 position slots before the first token.
+    return 2 if config.model_type in {"roberta", "xlm-roberta", "camembert"} else 0
+
+
+def check_sequence_fits(config, length: int, where: str) -> None:
+    """`length` tokens must fit the model's positions, less those RoBERTa-style models reserve; the
+    message names the setting and the largest value that fits."""
+    limit = max_positions(config)
+    offset = position_offset(config)
+    if limit is None or length + offset <= limit:
+        return
+    usable = limit - offset
+    reserved = f" ({limit} position slots, {offset} reserved by {config.model_type})" if offset else ""
+    raise InputError(f"{where} {length} is larger than the model's context of {usable} positions"
+                     f"{reserved}; set {where} to {usable} or less.")
+
+
 def _common_ids(tokenizer) -> dict:
     return dict(
         vocab_size=len(tokenizer),
@@ -83,13 +101,13 @@ def model_config_from_scratch(spec: FromScratchConfig, tokenizer, block_size: in
 
 
 def build_from_scratch(spec: FromScratchConfig, tokenizer, block_size: int, seed: int, task: str = "clm"):
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, set_seed
+    import transformers
+    from transformers import set_seed
 
     set_seed(seed)
     config = model_config_from_scratch(spec, tokenizer, block_size)
     config._attn_implementation = "sdpa"
-    auto = AutoModelForMaskedLM if task == "mlm" else AutoModelForCausalLM
-    return auto.from_config(config)
+    return getattr(transformers, HEADS[task][0]).from_config(config)
 
 
 HEADS = {
@@ -97,7 +115,24 @@ HEADS = {
     "clm": ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "causal-LM", "a decoder such as gpt2"),
     "mlm": ("AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES", "masked-LM",
             "an encoder such as bert or roberta"),
+    "qa": ("AutoModelForQuestionAnswering", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "question-answering",
+           "an encoder such as bert or roberta"),
 }
+
+
+def check_pretrained_head(model_cfg: ModelConfig, task: str) -> None:
+    """A pretrained model must be able to carry the task's head; checked first, on its config alone
+    (a decoder's folder comes with a tokenizer without a mask token, which would otherwise be blamed)."""
+    if model_cfg.name_or_path is None or model_cfg.trust_remote_code:
+        return
+    from transformers import AutoConfig
+    from transformers.models.auto import modeling_auto
+
+    _, mapping_name, head, example = HEADS[task]
+    name = model_cfg.name_or_path
+    config = from_pretrained_or_explain(AutoConfig.from_pretrained, name, what="model")
+    if config.model_type not in getattr(modeling_auto, mapping_name):
+        raise InputError(f"model '{name}' ({config.model_type}) has no {head} head; choose {example}.")
 
 
 def load_pretrained(model_cfg: ModelConfig, task: str = "clm"):
@@ -117,3 +152,14 @@ def load_pretrained(model_cfg: ModelConfig, task: str = "clm"):
         log.warning("trust_remote_code is on: code shipped with '%s' will run on this machine", name)
     return from_pretrained_or_explain(getattr(transformers, auto_name).from_pretrained, name, what="model",
                                       trust_remote_code=model_cfg.trust_remote_code)
+
+
+def build_or_load(model_cfg: ModelConfig, tokenizer, length: int, seed: int, task: str):
+    """The task's model: new from `model_cfg.from_scratch` sized to the tokenizer and `length`, or
+    pretrained, its embeddings grown when the tokenizer has more tokens (added pad token)."""
+    if model_cfg.from_scratch is not None:
+        return build_from_scratch(model_cfg.from_scratch, tokenizer, length, seed, task)
+    model = load_pretrained(model_cfg, task)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    return model

@@ -13,6 +13,8 @@ import yaml
 
 from lmtune.cli import main
 
+from ..conftest import with_changes
+
 # Four topics, each a cycle of six words; a document walks one topic's cycle from a random start. A
 # masked word is predictable from its context (the topic, then the neighbours), while a model that
 # learns only word frequencies stays near perplexity 24.
@@ -65,13 +67,7 @@ def mlm_recipe(data, name="mlm-tiny", **changes):
                      "warmup_steps": 10, "save_strategy": "no", "precision": "fp32", "seed": 1},
         "generation": {"prompts": ["alpha beta [MASK] delta epsilon"]},
     }
-    for key, value in changes.items():
-        node = recipe
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return recipe
+    return with_changes(recipe, changes)
 
 
 @pytest.fixture(scope="module")

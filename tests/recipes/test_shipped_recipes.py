@@ -13,13 +13,13 @@ from ..conftest import REPO
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 HUB_RECIPES = ["clm-eli5-distilgpt2.yaml", "clm-wikitext2-distilgpt2.yaml", "codeparrot-ds.yaml",
-               "mlm-imdb-distilbert.yaml", "mlm-wikitext2-distilroberta.yaml"]
+               "mlm-imdb-distilbert.yaml", "mlm-wikitext2-distilroberta.yaml", "qa-squad-bert.yaml"]
 
 
 def test_recipes_exist():
     names = {p.name for p in RECIPES}
     assert {"codeparrot-local.yaml", "clm-finetune-stdlib-local.yaml", "mlm-bert-scratch-local.yaml",
-            "mlm-imdb-minilm-local.yaml", *HUB_RECIPES} <= names
+            "mlm-imdb-minilm-local.yaml", "qa-squad-minilm-local.yaml", *HUB_RECIPES} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
@@ -43,6 +43,10 @@ def test_tutorial_hyperparameters_are_the_tutorials():
     assert (imdb.task, imdb.data.block_size, imdb.data.max_train_blocks, imdb.data.max_validation_blocks) == (
         "mlm", 128, 10000, 1000)
     assert (imdb.training.learning_rate, imdb.training.weight_decay, imdb.mlm.mlm_probability) == (2e-5, 0.01, 0.15)
+    squad = load_recipe(REPO / "recipes" / "qa-squad-bert.yaml")
+    assert (squad.task, squad.qa.max_length, squad.qa.stride, squad.qa.n_best, squad.qa.max_answer_length) == (
+        "qa", 384, 128, 20, 30)
+    assert (squad.training.learning_rate, squad.training.num_epochs, squad.training.weight_decay) == (2e-5, 3, 0.01)
 
 
 @pytest.mark.parametrize("name", HUB_RECIPES)

@@ -256,10 +256,13 @@ def _record_text(record: Any, text_field: str, location: str, where: str, match:
         ) from None
 
 
-def iter_table_file(path: Path, suffix: str, text_field: str, where: str, stats: SourceStats,
-                    match: dict | None = None) -> Iterator[str]:
+def iter_table_records(path: Path, suffix: str, where: str, stats: SourceStats,
+                       column: str | None = None, columns: list[str] | None = None) -> Iterator[tuple[str, Any]]:
+    """(location, record) for every record of a JSON Lines / JSON / CSV / Parquet file. `column`, when
+    given, must exist in a CSV header or Parquet schema (checked before the first row); `columns`
+    limits what Parquet reads."""
     if suffix == ".parquet":
-        yield from _iter_parquet(path, text_field, where, stats, match)
+        yield from _iter_parquet(path, where, stats, column, columns)
         return
     data = read_bytes(path, where)
     stats.bytes_seen += len(data)
@@ -277,10 +280,7 @@ def iter_table_file(path: Path, suffix: str, text_field: str, where: str, stats:
                 raise InputError(
                     f"{where}: line {lineno} of '{path}' is not valid JSON ({exc.msg}); fix or remove that line."
                 ) from None
-            text = _record_text(record, text_field, f"line {lineno} of '{path}'", where, match)
-            if text:
-                stats.bytes_kept += len(raw)
-                yield text
+            yield f"line {lineno} of '{path}'", record
         return
     text = decode(data)
     if text is None:
@@ -300,16 +300,22 @@ def iter_table_file(path: Path, suffix: str, text_field: str, where: str, stats:
                 "convert it to JSON Lines with one object per line."
             )
         for i, record in enumerate(records):
-            value = _record_text(record, text_field, f"record {i} of '{path}'", where, match)
-            if value:
-                stats.bytes_kept += len(value.encode("utf-8", "surrogatepass"))
-                yield value
+            yield f"record {i} of '{path}'", record
         return
-    yield from _iter_csv(path, text, suffix, text_field, where, stats, match)
+    yield from _iter_csv(path, text, suffix, where, column)
 
 
-def _iter_csv(path: Path, text: str, suffix: str, text_field: str, where: str, stats: SourceStats,
-              match: dict | None = None) -> Iterator[str]:
+def iter_table_file(path: Path, suffix: str, text_field: str, where: str, stats: SourceStats,
+                    match: dict | None = None) -> Iterator[str]:
+    columns = [text_field.split(".")[0], *(k.split(".")[0] for k in (match or {}))]
+    for location, record in iter_table_records(path, suffix, where, stats, column=text_field, columns=columns):
+        text = _record_text(record, text_field, location, where, match)
+        if text:
+            stats.bytes_kept += len(text.encode("utf-8", "surrogatepass"))
+            yield text
+
+
+def _iter_csv(path: Path, text: str, suffix: str, where: str, column: str | None) -> Iterator[tuple[str, dict]]:
     """CSV / TSV through the standard csv module: it reports ragged rows, which we refuse."""
     if csv.field_size_limit() < CSV_FIELD_LIMIT:
         csv.field_size_limit(CSV_FIELD_LIMIT)
@@ -318,12 +324,11 @@ def _iter_csv(path: Path, text: str, suffix: str, text_field: str, where: str, s
         header = next(reader, None)
         if not header:
             return
-        if text_field not in header:
+        if column is not None and column not in header:
             raise InputError(
-                f"{where}: '{path}' has no column '{text_field}' (columns: {', '.join(header[:12])}); "
+                f"{where}: '{path}' has no column '{column}' (columns: {', '.join(header[:12])}); "
                 "set text_field to one of them."
             )
-        col = header.index(text_field)
         for row in reader:
             if not row:
                 continue
@@ -332,12 +337,7 @@ def _iter_csv(path: Path, text: str, suffix: str, text_field: str, where: str, s
                     f"{where}: row at line {reader.line_num} of '{path}' has {len(row)} fields where the header "
                     f"has {len(header)}; fix the quoting or the separators there."
                 )
-            if match and not record_matches(dict(zip(header, row)), match, f"line {reader.line_num} of '{path}'",
-                                            where):
-                continue
-            if row[col]:
-                stats.bytes_kept += len(row[col].encode("utf-8", "surrogatepass"))
-                yield row[col]
+            yield f"line {reader.line_num} of '{path}'", dict(zip(header, row))
     except csv.Error as exc:
         raise InputError(
             f"{where}: cannot parse line {reader.line_num} of '{path}' ({exc}); fix the quoting or the separators "
@@ -345,8 +345,8 @@ def _iter_csv(path: Path, text: str, suffix: str, text_field: str, where: str, s
         ) from None
 
 
-def _iter_parquet(path: Path, text_field: str, where: str, stats: SourceStats,
-                  match: dict | None = None) -> Iterator[str]:
+def _iter_parquet(path: Path, where: str, stats: SourceStats, column: str | None,
+                  columns: list[str] | None) -> Iterator[tuple[str, dict]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -361,22 +361,21 @@ def _iter_parquet(path: Path, text_field: str, where: str, stats: SourceStats,
     except (OSError, pa.ArrowException) as exc:
         raise InputError(f"{where}: '{path}' is not a readable Parquet file ({exc}); check the file.") from None
     names = parquet.schema_arrow.names
-    # A column literally named 'answers.text' (a flattened table) wins over the nested field.
-    column = text_field if text_field in names else text_field.split(".")[0]
-    if column not in names:
-        raise InputError(
-            f"{where}: '{path}' has no column '{column}' (columns: {', '.join(names[:12])}); set text_field."
-        )
+    if column is not None:
+        # A column literally named 'answers.text' (a flattened table) wins over the nested field.
+        top = column if column in names else column.split(".")[0]
+        if top not in names:
+            raise InputError(
+                f"{where}: '{path}' has no column '{top}' (columns: {', '.join(names[:12])}); set text_field."
+            )
+        columns = [top, *(columns or [])]
+    wanted = list(dict.fromkeys(c for c in columns if c in names)) if columns else None
     row = 0
     try:
-        wanted = [column, *(k.split(".")[0] for k in (match or {}) if k.split(".")[0] in names)]
-        for batch in parquet.iter_batches(columns=list(dict.fromkeys(wanted)), batch_size=4096):
+        for batch in parquet.iter_batches(columns=wanted, batch_size=4096):
             for record in batch.to_pylist():
-                text = _record_text(record, text_field, f"row {row} of '{path}'", where, match)
+                yield f"row {row} of '{path}'", record
                 row += 1
-                if text:
-                    stats.bytes_kept += len(text.encode("utf-8", "surrogatepass"))
-                    yield text
     except (OSError, pa.ArrowException) as exc:
         raise InputError(f"{where}: cannot read '{path}' at row {row} ({exc}); check the file.") from None
 
@@ -462,7 +461,7 @@ def iter_python_code(src: SourceConfig, stats: SourceStats) -> Iterator[str]:
 # The Hub
 
 
-def iter_hub_documents(src: SourceConfig, where: str) -> Iterator[str]:
+def iter_hub_records(src: SourceConfig, where: str) -> Iterator[tuple[str, dict]]:
     from lmtune.hub import hub_reachable, offline_message
 
     dataset_id = src.paths[0]
@@ -477,7 +476,12 @@ def iter_hub_documents(src: SourceConfig, where: str) -> Iterator[str]:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise InputError(f"{where}: cannot load Hub dataset '{dataset_id}' split '{src.split}' ({first}).") from None
     for i, record in enumerate(ds):
-        text = _record_text(record, src.text_field, f"row {i} of '{dataset_id}'", where, src.match)
+        yield f"row {i} of '{dataset_id}'", record
+
+
+def iter_hub_documents(src: SourceConfig, where: str) -> Iterator[str]:
+    for location, record in iter_hub_records(src, where):
+        text = _record_text(record, src.text_field, location, where, src.match)
         if text:
             yield text
 
@@ -517,12 +521,16 @@ def iter_documents(src: SourceConfig, where: str, stats: SourceStats) -> Iterato
             return
 
 
-def load_corpus(src: SourceConfig, where: str) -> Corpus:
-    stats = SourceStats()
-    texts = list(iter_documents(src, where, stats))
+def warn_undecodable(stats: SourceStats, where: str) -> None:
     if stats.undecodable:
         log.warning("%s: skipped %d undecodable (non UTF-8) item(s), first %s", where, len(stats.undecodable),
                     stats.undecodable[0])
+
+
+def load_corpus(src: SourceConfig, where: str) -> Corpus:
+    stats = SourceStats()
+    texts = list(iter_documents(src, where, stats))
+    warn_undecodable(stats, where)
     if not texts:
         why = " after the keyword filter" if stats.filtered_out else ""
         raise InputError(
@@ -530,3 +538,63 @@ def load_corpus(src: SourceConfig, where: str) -> Corpus:
             "check the path, the text field and the keywords."
         )
     return Corpus(texts=texts, stats=stats, fingerprint=fingerprint_texts(texts))
+
+
+# --------------------------------------------------------------------------------------------------
+# Records (tasks whose examples have several fields: QA, classification, preferences)
+
+
+@dataclass
+class Records:
+    rows: list[tuple[str, dict]]  # (location for error messages, record)
+    stats: SourceStats
+    fingerprint: str
+
+
+def iter_records(src: SourceConfig, where: str, stats: SourceStats) -> Iterator[tuple[str, dict]]:
+    """Records of table files or a Hub dataset after `match`, up to `max_documents`."""
+    if src.type == "python-code":
+        raise InputError(f"{where}: the python-code source holds plain text, not records; give a table file.")
+    if is_hub_id(src):
+        rows: Iterable[tuple[str, Any]] = iter_hub_records(src, where)
+    else:
+        rows = _iter_file_records(src, where, stats)
+    kept = 0
+    for location, record in rows:
+        if not isinstance(record, dict):
+            raise InputError(f"{where}: {location} is a {type(record).__name__}, not an object; each record must "
+                             "be a JSON object.")
+        if src.match and not record_matches(record, src.match, location, where):
+            continue
+        kept += 1
+        stats.documents = kept
+        yield location, record
+        if src.max_documents is not None and kept >= src.max_documents:
+            return
+
+
+def _iter_file_records(src: SourceConfig, where: str, stats: SourceStats) -> Iterator[tuple[str, Any]]:
+    for path in expand_paths(src.paths, where):
+        stats.files_seen += 1
+        suffix = suffix_of(path)
+        if suffix not in TABLE_SUFFIXES:
+            raise InputError(f"{where}: '{path}' is plain text, but this task reads records with named fields; "
+                             f"give a {', '.join(sorted(TABLE_SUFFIXES))} file.")
+        first = True
+        for location, record in iter_table_records(path, suffix, where, stats):
+            if first:
+                stats.files_kept += 1
+                first = False
+            yield location, record
+
+
+def load_records(src: SourceConfig, where: str) -> Records:
+    stats = SourceStats()
+    rows = list(iter_records(src, where, stats))
+    warn_undecodable(stats, where)
+    if not rows:
+        raise InputError(f"{where}: no records found ({stats.summary('read')}); check the path and match.")
+    digest = hashlib.sha256()
+    for _, record in rows:
+        digest.update(json.dumps(record, sort_keys=True, default=str).encode("utf-8", "surrogatepass"))
+    return Records(rows, stats, digest.hexdigest()[:32])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-TASK_MODULES = {"clm": "lmtune.tasks.clm", "mlm": "lmtune.tasks.mlm"}
+TASK_MODULES = {"clm": "lmtune.tasks.clm", "mlm": "lmtune.tasks.mlm", "qa": "lmtune.tasks.qa"}
 
 
 def task_module(name: str) -> ModuleType:

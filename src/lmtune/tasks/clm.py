@@ -22,7 +22,7 @@ from lmtune.data.packing import BlockDataset, StreamingBlockDataset, prepare_blo
 from lmtune.data.sources import Corpus, SourceStats, iter_documents, load_corpus
 from lmtune.errors import InputError
 from lmtune.metrics import perplexity
-from lmtune.modeling import build_from_scratch, check_block_size, load_pretrained
+from lmtune.modeling import build_or_load, check_block_size
 from lmtune.tasks.common import Prepared, get_tokenizer, load_splits, seeded_subset
 from lmtune.training.losses import keytoken_ids
 
@@ -120,12 +120,7 @@ def keytoken_kwargs(cfg: RecipeConfig, tokenizer) -> dict:
 
 
 def build_model(cfg: RecipeConfig, tokenizer):
-    if cfg.model.from_scratch is not None:
-        model = build_from_scratch(cfg.model.from_scratch, tokenizer, cfg.data.block_size, cfg.training.seed, "clm")
-    else:
-        model = load_pretrained(cfg.model, "clm")
-        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-            model.resize_token_embeddings(len(tokenizer))
+    model = build_or_load(cfg.model, tokenizer, cfg.data.block_size, cfg.training.seed, "clm")
     check_block_size(model.config, cfg.data.block_size)
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id

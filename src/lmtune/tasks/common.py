@@ -54,9 +54,14 @@ def tokenizer_style(cfg: RecipeConfig) -> str:
     return {"bert": "bert", "roberta": "roberta"}.get(arch, "gpt2")
 
 
+def sequence_length(cfg: RecipeConfig) -> int:
+    """Tokens per training sequence: a QA window, otherwise a block / chunk."""
+    return cfg.qa.max_length if cfg.task == "qa" else cfg.data.block_size
+
+
 def context_length(cfg: RecipeConfig) -> int:
     fs = cfg.model.from_scratch
-    return (fs.n_positions if fs and fs.n_positions else None) or cfg.data.block_size
+    return (fs.n_positions if fs and fs.n_positions else None) or sequence_length(cfg)
 
 
 def trained_tokenizer(cfg: RecipeConfig, corpus: Corpus):

@@ -30,7 +30,7 @@ from lmtune.data.packing import _fast_backend, cache_root, tokenizer_fingerprint
 from lmtune.data.sources import Corpus
 from lmtune.errors import InputError
 from lmtune.metrics import perplexity
-from lmtune.modeling import HEADS, build_from_scratch, load_pretrained, max_positions
+from lmtune.modeling import build_or_load, check_pretrained_head, check_sequence_fits
 from lmtune.tasks.common import Prepared, get_tokenizer, load_splits, seeded_subset
 
 log = logging.getLogger("lmtune")
@@ -216,27 +216,10 @@ def get_mlm_tokenizer(cfg: RecipeConfig, train: Corpus | None):
     return tokenizer
 
 
-def check_masked_lm_head(cfg: RecipeConfig) -> None:
-    """A pretrained model must have a masked-LM head. Checked first, on its config alone: a decoder's
-    folder (GPT-2) comes with a tokenizer without a mask token, which would otherwise be blamed."""
-    if cfg.model.name_or_path is None or cfg.model.trust_remote_code:
-        return
-    from transformers import AutoConfig
-    from transformers.models.auto import modeling_auto
-
-    from lmtune.hub import from_pretrained_or_explain
-
-    _, mapping_name, head, example = HEADS["mlm"]
-    name = cfg.model.name_or_path
-    config = from_pretrained_or_explain(AutoConfig.from_pretrained, name, what="model")
-    if config.model_type not in getattr(modeling_auto, mapping_name):
-        raise InputError(f"model '{name}' ({config.model_type}) has no {head} head; choose {example}.")
-
-
 def prepare(cfg: RecipeConfig) -> Prepared:
     if cfg.data.train.streaming:
         raise InputError("data.train.streaming is for causal-LM pretraining; task mlm reads its corpus in memory.")
-    check_masked_lm_head(cfg)
+    check_pretrained_head(cfg.model, "mlm")
     train, val = load_splits(cfg)
     tokenizer = get_mlm_tokenizer(cfg, train)
     train_chunks = chunks_for(train, tokenizer, cfg, "data.train")
@@ -267,32 +250,9 @@ def prepare(cfg: RecipeConfig) -> Prepared:
 
 
 def build_model(cfg: RecipeConfig, tokenizer):
-    if cfg.model.from_scratch is not None:
-        model = build_from_scratch(cfg.model.from_scratch, tokenizer, cfg.data.block_size, cfg.training.seed, "mlm")
-    else:
-        model = load_pretrained(cfg.model, "mlm")
-        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-            model.resize_token_embeddings(len(tokenizer))
-    check_chunk_fits(model.config, cfg.data.block_size)
+    model = build_or_load(cfg.model, tokenizer, cfg.data.block_size, cfg.training.seed, "mlm")
+    check_sequence_fits(model.config, cfg.data.block_size, "data.block_size")
     return model
-
-
-def check_chunk_fits(config, block_size: int) -> None:
-    """block_size tokens must fit the model's positions, less those RoBERTa-style models reserve; the
-    message names the user's block_size and the largest one that fits."""
-    limit = max_positions(config)
-    offset = _position_offset(config)
-    if limit is None or block_size + offset <= limit:
-        return
-    usable = limit - offset
-    reserved = f" ({limit} position slots, {offset} reserved by {config.model_type})" if offset else ""
-    raise InputError(f"data.block_size {block_size} is larger than the model's context of {usable} positions"
-                     f"{reserved}; set data.block_size to {usable} or less.")
-
-
-def _position_offset(config) -> int:
-    # RoBERTa-style models spend padding_idx + 1 position slots before the first token.
-    return 2 if config.model_type in {"roberta", "xlm-roberta", "camembert"} else 0
 
 
 @torch.no_grad()
