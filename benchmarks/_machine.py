@@ -43,10 +43,9 @@ def status_kib(field: str) -> int:
 
 def run_recipe(repo, recipe: str, overrides: list[str]) -> tuple[dict, float, float]:
     """`lmtune train RECIPE --set ...` in a child process, into a temporary run dir: the run's
-    metrics.json, its wall seconds and its peak RSS in MiB (the child is started by this small
-    process, so getrusage's children peak is the child's own)."""
+    metrics.json, its wall seconds and its peak RSS in MiB (from wait4, so each run's own peak, not
+    the largest of all children so far)."""
     import json
-    import resource
     import subprocess
     import sys
     import tempfile
@@ -58,9 +57,11 @@ def run_recipe(repo, recipe: str, overrides: list[str]) -> tuple[dict, float, fl
         for item in overrides:
             cmd += ["--set", item]
         start = time.time()
-        proc = subprocess.run(cmd, cwd=repo, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        proc = subprocess.Popen(cmd, cwd=repo, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        _, status, usage = os.wait4(proc.pid, 0)
         wall = time.time() - start
-        if proc.returncode != 0:
-            raise SystemExit(f"training failed with exit code {proc.returncode}")
+        code = proc.returncode = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            raise SystemExit(f"training failed with exit code {code}")
         metrics = json.loads((run / "metrics.json").read_text())
-    return metrics, wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return metrics, wall, usage.ru_maxrss / 1024

@@ -30,6 +30,18 @@ def make_documents(n: int, seed: int = 0, min_words: int = 5, max_words: int = 6
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))) for _ in range(n)]
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models train fastest on one thread; on a busy two-core machine two OpenMP threads can be many
+    times slower. Modules opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def with_changes(recipe: dict, changes: dict) -> dict:
     """The recipe with dotted keys set: {"training.max_steps": 1} -> recipe["training"]["max_steps"] = 1."""
     for key, value in changes.items():

@@ -1,4 +1,4 @@
-"""`lmtune` verbs: train, eval, predict, tokenizer.
+"""`lmtune` verbs: train, eval, predict, export, tokenizer.
 
 Exit codes: 0 done; 2 the input is wrong (one sentence on stderr, no traceback); 1 a fault of ours
 (traceback printed and kept in the run's train.log); 130 interrupted.
@@ -30,6 +30,10 @@ def _setup_logging(verbose: bool) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    import warnings
+
+    # peft calls a transformers method that transformers 5 has renamed; nothing for the user to do.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     transformers.utils.logging.disable_progress_bar()  # "Writing model shards" bars are noise here
     import datasets
 
@@ -96,6 +100,8 @@ def task_of(path: str) -> str:
             return "mlm"
         if any(a.endswith("ForQuestionAnswering") for a in architectures):
             return "qa"
+        if any(a.endswith("ForSequenceClassification") for a in architectures):
+            return "classify"
     return "clm"
 
 
@@ -121,6 +127,8 @@ def cmd_predict(args) -> int:
         return predict_mlm(args)
     if task == "qa":
         return predict_qa(args)
+    if task == "classify":
+        return predict_classify(args)
 
     prompts = _prompts(args)
     model, tokenizer = clm.load_for_inference(_model_dir(args.run))
@@ -186,6 +194,56 @@ def predict_qa(args) -> int:
         settings = QAConfig(**(yaml.safe_load(run_config.read_text()) or {}).get("qa", {}))
     model, tokenizer = qa.load_for_inference(_model_dir(args.run))
     for result in qa.answer_questions(model, tokenizer, _qa_pairs(args), settings):
+        print(json.dumps(result, ensure_ascii=False))
+    return 0
+
+
+def cmd_export(args) -> int:
+    """A run's model as a plain Hugging Face folder; a LoRA run's adapter folded into its base (--merge)."""
+    import shutil
+
+    import yaml
+
+    from lmtune.config import validate_recipe
+
+    run, out = Path(args.run), Path(args.out)
+    if not (run / "model" / "config.json").is_file() or not (run / "config.yaml").is_file():
+        raise InputError(f"'{run}' is not a finished run dir (no model/ or config.yaml); give a folder under runs/.")
+    if out.exists() and not args.overwrite:
+        raise InputError(f"--out '{out}' already exists; pass --overwrite or choose another folder.")
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if (run / "adapter").is_dir():
+        if not args.merge:
+            raise InputError(f"'{run}' was trained with LoRA; pass --merge to fold its adapter into the base model.")
+        from lmtune.modeling import merge_adapter
+
+        cfg = validate_recipe(yaml.safe_load((run / "config.yaml").read_text()), origin=f"'{run}/config.yaml'")
+        model, tokenizer = merge_adapter(run, cfg.model, cfg.task)
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+    else:
+        shutil.copytree(run / "model", tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    print(json.dumps({"out": str(out), "merged": (run / "adapter").is_dir()}))
+    return 0
+
+
+def predict_classify(args) -> int:
+    from lmtune.tasks import classify
+
+    texts = _prompts(args)
+    settings = {}
+    run_config = Path(args.run) / "config.yaml"
+    if run_config.is_file():  # truncate as in training
+        import yaml
+
+        c = (yaml.safe_load(run_config.read_text()) or {}).get("classify", {})
+        settings = {"max_length": c.get("max_length"), "truncation_side": c.get("truncation_side", "right")}
+    model, tokenizer = classify.load_for_inference(_model_dir(args.run))
+    for result in classify.classify_texts(model, tokenizer, texts, **settings):
         print(json.dumps(result, ensure_ascii=False))
     return 0
 
@@ -256,8 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-blocks", type=int)
     e.set_defaults(func=cmd_eval)
 
-    pr = sub.add_parser("predict", help="complete prompts (causal LM), fill masks (masked LM) or answer questions "
-                        "(QA) with a run's model")
+    pr = sub.add_parser("predict", help="complete prompts (causal LM), fill masks (masked LM), answer questions "
+                        "(QA) or classify texts with a run's model")
     pr.add_argument("run", help="a run dir or a model folder")
     pr.add_argument("prompts", nargs="*")
     pr.add_argument("--file", help="more prompts, one per line (QA: JSON Lines of {question, context})")
@@ -273,6 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--greedy", action="store_true")
     pr.add_argument("--seed", type=int, default=0)
     pr.set_defaults(func=cmd_predict)
+
+    ex = sub.add_parser("export", help="write a run's model as a plain Hugging Face folder (LoRA: --merge)")
+    ex.add_argument("run", help="a finished run dir")
+    ex.add_argument("--out", required=True, help="the folder to write")
+    ex.add_argument("--merge", action="store_true", help="fold a LoRA adapter into the base weights")
+    ex.add_argument("--overwrite", action="store_true")
+    ex.set_defaults(func=cmd_export)
 
     tk = sub.add_parser("tokenizer", help="tokenizer tools")
     tks = tk.add_subparsers(dest="tokenizer_verb", required=True, parser_class=_Parser)

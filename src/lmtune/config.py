@@ -185,7 +185,38 @@ class QAConfig(Section):
         return self
 
 
+class ClassifyConfig(Section):
+    """Sequence classification (task classify): text (or a text pair) -> label(s) or a number."""
+
+    text_pair_field: str | None = Field(None, description="A second text field (premise/hypothesis, question/answer).")
+    label_field: str = "label"
+    labels: list[str] | None = Field(
+        None, description="Label names in id order; integer labels index this list. Default: from the training data.")
+    problem_type: Literal["single_label", "multi_label", "regression"] = "single_label"
+    max_length: int | None = Field(None, ge=8, description="Truncate to this many tokens (default: the model's).")
+    truncation_side: Literal["right", "left"] = "right"
+    max_train_examples: int | None = Field(None, gt=0, description="A seeded random subset of training examples.")
+    max_validation_examples: int | None = Field(None, gt=0)
+    balanced: bool = Field(False, description="Subsets take the same number of examples from every label.")
+    samples: list[str] = Field(default_factory=list, description="Classified before and after; in metrics.json.")
+
+
+class LoRAConfig(Section):
+    """Low-rank adapters (peft) for training.mode lora."""
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = Field(
+        None, description="Module names to adapt; default per architecture (q_lin for DistilBERT, query/value for "
+        "BERT and RoBERTa, c_attn for GPT-2).")
+    modules_to_save: list[str] | None = Field(
+        None, description="Trained in full beside the adapters; default: the task's new head.")
+
+
 class TrainingConfig(Section):
+    mode: Literal["full", "head", "lora"] = Field(
+        "full", description="full: every weight; head: base frozen, the new task head trained; lora: adapters (peft).")
     learning_rate: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: float = Field(0, ge=0, description="Steps, or a fraction of all steps when below 1.")
@@ -207,11 +238,15 @@ class TrainingConfig(Section):
     seed: int = 42
     max_grad_norm: float = Field(1.0, ge=0)
     dataloader_num_workers: int = Field(0, ge=0)
+    load_best_model_at_end: bool = Field(False, description="Keep the checkpoint with the best evaluation metric.")
+    metric_for_best_model: str = Field("loss", description="An evaluation metric: loss, or the task's (accuracy, f1).")
 
     @model_validator(mode="after")
     def _eval_steps(self) -> TrainingConfig:
         if self.eval_strategy == "steps" and self.eval_steps is None:
             raise ValueError("eval_strategy 'steps' needs eval_steps")
+        if self.load_best_model_at_end and (self.eval_strategy == "no" or self.save_strategy != self.eval_strategy):
+            raise ValueError("load_best_model_at_end needs eval_strategy and save_strategy both 'epoch' or both 'steps'")
         return self
 
 
@@ -232,7 +267,7 @@ class OutputConfig(Section):
 
 
 class RecipeConfig(Section):
-    task: Literal["clm", "mlm", "qa"] = "clm"
+    task: Literal["clm", "mlm", "qa", "classify"] = "clm"
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     description: str = ""
     model: ModelConfig
@@ -241,6 +276,8 @@ class RecipeConfig(Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     mlm: MLMConfig = Field(default_factory=MLMConfig)
     qa: QAConfig = Field(default_factory=QAConfig)
+    classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -257,6 +294,12 @@ class RecipeConfig(Section):
             raise ValueError(
                 f"task {self.task} needs model.from_scratch.architecture in {', '.join(allowed)}, not {fs.architecture}"
             )
+        if self.training.mode == "head" and self.task in ("clm", "mlm"):
+            raise ValueError(f"training.mode head trains a new task head; task {self.task} keeps the pretrained LM head "
+                             "(use full or lora)")
+        if self.training.mode != "full" and self.model.from_scratch is not None:
+            raise ValueError(f"training.mode {self.training.mode} adapts a pretrained model; a model from scratch "
+                             "trains in full")
         if self.task != "clm" and self.loss.type == "keytoken":
             raise ValueError("loss.type keytoken is a causal-LM loss; use it with task clm")
         if fs is not None and fs.n_positions is not None and fs.n_positions < self.data.block_size:

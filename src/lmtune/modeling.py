@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from lmtune.config import FromScratchConfig, ModelConfig
+from lmtune.config import FromScratchConfig, LoRAConfig, ModelConfig
 from lmtune.errors import InputError
 from lmtune.hub import from_pretrained_or_explain
 
@@ -14,6 +14,9 @@ log = logging.getLogger("lmtune")
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, float]:
+    if is_peft_model(model):  # peft's own count, as its print_trainable_parameters shows it
+        trainable, total = model.get_nb_trainable_parameters()
+        return {"total": total, "trainable": trainable, "trainable_percent": 100.0 * trainable / max(total, 1)}
     # Tied weights (GPT-2's embedding and output layer) are counted once.
     seen: set[int] = set()
     total = trainable = 0
@@ -27,10 +30,8 @@ def count_parameters(model: torch.nn.Module) -> dict[str, float]:
 
 
 def describe_parameters(counts: dict[str, float]) -> str:
-    return (
-        f"parameters: {counts['total']:,} total, {counts['trainable']:,} trainable "
-        f"({counts['trainable_percent']:.2f}%)"
-    )
+    return (f"trainable params: {counts['trainable']:,} || all params: {counts['total']:,} || "
+            f"trainable%: {counts['trainable_percent']:.4f}")
 
 
 def max_positions(config) -> int | None:
@@ -100,12 +101,15 @@ def model_config_from_scratch(spec: FromScratchConfig, tokenizer, block_size: in
                       resid_pdrop=spec.dropout, embd_pdrop=spec.dropout, attn_pdrop=spec.dropout, **common)
 
 
-def build_from_scratch(spec: FromScratchConfig, tokenizer, block_size: int, seed: int, task: str = "clm"):
+def build_from_scratch(spec: FromScratchConfig, tokenizer, block_size: int, seed: int, task: str = "clm",
+                       **head_config):
     import transformers
     from transformers import set_seed
 
     set_seed(seed)
     config = model_config_from_scratch(spec, tokenizer, block_size)
+    for key, value in head_config.items():  # num_labels, id2label, ... of a classification head
+        setattr(config, key, value)
     config._attn_implementation = "sdpa"
     return getattr(transformers, HEADS[task][0]).from_config(config)
 
@@ -117,6 +121,8 @@ HEADS = {
             "an encoder such as bert or roberta"),
     "qa": ("AutoModelForQuestionAnswering", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "question-answering",
            "an encoder such as bert or roberta"),
+    "classify": ("AutoModelForSequenceClassification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+                 "sequence-classification", "an encoder such as distilbert or bert, or a decoder such as gpt2"),
 }
 
 
@@ -135,7 +141,7 @@ def check_pretrained_head(model_cfg: ModelConfig, task: str) -> None:
         raise InputError(f"model '{name}' ({config.model_type}) has no {head} head; choose {example}.")
 
 
-def load_pretrained(model_cfg: ModelConfig, task: str = "clm"):
+def load_pretrained(model_cfg: ModelConfig, task: str = "clm", **head_config):
     """A pretrained model with the task's head (a missing head, e.g. MLM on a plain encoder, is created
     new by transformers and trained)."""
     import transformers
@@ -151,15 +157,136 @@ def load_pretrained(model_cfg: ModelConfig, task: str = "clm"):
     if model_cfg.trust_remote_code:
         log.warning("trust_remote_code is on: code shipped with '%s' will run on this machine", name)
     return from_pretrained_or_explain(getattr(transformers, auto_name).from_pretrained, name, what="model",
-                                      trust_remote_code=model_cfg.trust_remote_code)
+                                      trust_remote_code=model_cfg.trust_remote_code, **head_config)
 
 
-def build_or_load(model_cfg: ModelConfig, tokenizer, length: int, seed: int, task: str):
+def build_or_load(model_cfg: ModelConfig, tokenizer, length: int, seed: int, task: str, **head_config):
     """The task's model: new from `model_cfg.from_scratch` sized to the tokenizer and `length`, or
     pretrained, its embeddings grown when the tokenizer has more tokens (added pad token)."""
     if model_cfg.from_scratch is not None:
-        return build_from_scratch(model_cfg.from_scratch, tokenizer, length, seed, task)
-    model = load_pretrained(model_cfg, task)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
+        return build_from_scratch(model_cfg.from_scratch, tokenizer, length, seed, task, **head_config)
+    model = load_pretrained(model_cfg, task, **head_config)
+    grow_embeddings(model, len(tokenizer))
     return model
+
+
+def grow_embeddings(model, vocab_size: int) -> None:
+    """Room for tokens the tokenizer added (a pad token): new rows are the mean of the old ones, the
+    same every time (transformers' default samples them), so a LoRA adapter -- which does not store
+    the embeddings -- can later be merged into a freshly loaded base with identical results."""
+    old = model.get_input_embeddings().num_embeddings
+    if vocab_size <= old:
+        return
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    with torch.no_grad():
+        weight = model.get_input_embeddings().weight
+        weight[old:] = weight[:old].mean(dim=0, keepdim=True)
+        out = model.get_output_embeddings()
+        if out is not None and out.weight is not weight and out.weight.shape[0] == vocab_size:
+            out.weight[old:] = out.weight[:old].mean(dim=0, keepdim=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training modes: full, head (base frozen), lora (peft adapters)
+
+# The LoRA article adapts DistilBERT's q_lin; peft's own table covers many more architectures.
+LORA_TARGETS = {"distilbert": ["q_lin"], "bert": ["query", "value"], "roberta": ["query", "value"],
+                "gpt2": ["c_attn"]}
+PEFT_TASK_TYPES = {"clm": "CAUSAL_LM", "classify": "SEQ_CLS", "qa": "QUESTION_ANS", "mlm": None}
+NEW_HEAD_TASKS = ("classify", "qa")
+
+
+def is_peft_model(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_nb_trainable_parameters")
+
+
+def head_module_names(model) -> list[str]:
+    """The task head: the model's children that hold parameters, other than its base model
+    (DistilBERT: pre_classifier, classifier; BERT: classifier; GPT-2: score)."""
+    base = getattr(model, "base_model_prefix", "")
+    return [name for name, module in model.named_children()
+            if name != base and any(True for _ in module.parameters())]
+
+
+def linear_module_names(model) -> list[str]:
+    """Names (last component) of the modules LoRA can adapt: Linear, and GPT-2's Conv1D."""
+    kinds = (torch.nn.Linear,)
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        kinds = (torch.nn.Linear, Conv1D)
+    except ImportError:
+        pass
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, kinds)})
+
+
+def freeze_base(model) -> None:
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if base is None or base is model:
+        raise InputError(f"cannot tell the base of a {type(model).__name__} from its head; use training.mode full "
+                         "or lora.")
+    for p in base.parameters():
+        p.requires_grad_(False)
+
+
+def lora_target_modules(model, lora: LoRAConfig) -> list[str]:
+    names = linear_module_names(model)
+    targets = lora.target_modules or LORA_TARGETS.get(model.config.model_type)
+    if targets is None:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+        targets = PEFT_TARGETS.get(model.config.model_type)
+    if not targets:
+        raise InputError(f"no default LoRA target modules for {model.config.model_type}; set lora.target_modules "
+                         f"to some of its linear modules: {', '.join(names)}.")
+    unknown = [t for t in targets if t not in names]
+    if unknown:
+        raise InputError(f"lora.target_modules {', '.join(unknown)} not found in {model.config.model_type}; its "
+                         f"linear modules are: {', '.join(names)}.")
+    return list(targets)
+
+
+def add_lora(model, lora: LoRAConfig, task: str):
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_target_modules(model, lora)
+    to_save = lora.modules_to_save if lora.modules_to_save is not None else (
+        head_module_names(model) if task in NEW_HEAD_TASKS else None)
+    missing = [m for m in (to_save or []) if m not in {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}]
+    if missing:
+        raise InputError(f"lora.modules_to_save {', '.join(missing)} not found in {model.config.model_type}; "
+                         f"its head modules are: {', '.join(head_module_names(model)) or '(none)'}.")
+    # GPT-2's Conv1D stores its weight transposed; peft must be told (it warns and guesses otherwise).
+    conv1d = any(type(m).__name__ == "Conv1D" for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets)
+    config = LoraConfig(task_type=PEFT_TASK_TYPES.get(task), r=lora.r, lora_alpha=lora.alpha,
+                        lora_dropout=lora.dropout, target_modules=targets, modules_to_save=to_save or None,
+                        fan_in_fan_out=conv1d)
+    return get_peft_model(model, config)
+
+
+def apply_training_mode(model, mode: str, lora: LoRAConfig, task: str):
+    """full: unchanged; head: the base model frozen, its new head trained (transfer learning); lora: a
+    peft model whose base weights stay frozen, with adapters (and the new head) trained."""
+    if mode == "head":
+        freeze_base(model)
+        return model
+    if mode == "lora":
+        return add_lora(model, lora, task)
+    return model
+
+
+def merge_adapter(run_dir, model_cfg: ModelConfig, task: str):
+    """The run's LoRA adapter folded into a freshly loaded base model: a plain transformers model."""
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoTokenizer
+
+    trained = AutoConfig.from_pretrained(str(run_dir / "model"))
+    head_config = {}
+    if task == "classify":
+        head_config = {k: getattr(trained, k) for k in ("num_labels", "id2label", "label2id", "problem_type")}
+    tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "adapter"))
+    base = load_pretrained(model_cfg, task, **head_config)
+    grow_embeddings(base, len(tokenizer))
+    base.config.pad_token_id = trained.pad_token_id
+    merged = PeftModel.from_pretrained(base, str(run_dir / "adapter")).merge_and_unload()
+    return merged, tokenizer

@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 from lmtune.config import RecipeConfig
@@ -118,7 +119,7 @@ class _RunLog:
 
 
 def train(cfg: RecipeConfig, run_dir: Path, overwrite: bool = False, resume: bool = False) -> Path:
-    from lmtune.modeling import count_parameters, describe_parameters
+    from lmtune.modeling import apply_training_mode, count_parameters, describe_parameters
     from lmtune.tasks import task_module
     from lmtune.training.engine import resolve_precision
 
@@ -130,8 +131,8 @@ def train(cfg: RecipeConfig, run_dir: Path, overwrite: bool = False, resume: boo
     # Everything that can reject the user's input runs before anything is written.
     prepared = task.prepare(cfg)
     timings["prepare_s"] = time.time() - t0
-    model = task.build_model(cfg, prepared.tokenizer)
-    params = count_parameters(model)
+    model = apply_training_mode(task.build_model(cfg, prepared.tokenizer, prepared), cfg.training.mode, cfg.lora, cfg.task)
+    params = {"mode": cfg.training.mode, **count_parameters(model)}
     log.info(describe_parameters(params))
     precision = resolve_precision(cfg.training.precision)
 
@@ -145,6 +146,23 @@ def train(cfg: RecipeConfig, run_dir: Path, overwrite: bool = False, resume: boo
             raise
     publish(work, run_dir)
     return run_dir
+
+
+def save_model(model, tokenizer, work: Path):
+    """model/: a plain Hugging Face folder. A LoRA run also keeps its adapter in adapter/, and model/
+    holds the adapters merged into the base weights, so plain transformers loads it without peft."""
+    from lmtune.modeling import is_peft_model
+
+    if is_peft_model(model):
+        # With grown embeddings (an added pad token) peft keeps them in the adapter, as it should.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")
+            model.save_pretrained(str(work / "adapter"))
+        tokenizer.save_pretrained(str(work / "adapter"))
+        model = model.merge_and_unload()
+    model.save_pretrained(str(work / "model"), safe_serialization=True)
+    tokenizer.save_pretrained(str(work / "model"))
+    return model
 
 
 def _train_in(work: Path, cfg: RecipeConfig, task, prepared, model, precision, resume, timings, t0, params):
@@ -188,9 +206,7 @@ def _train_in(work: Path, cfg: RecipeConfig, task, prepared, model, precision, r
     timings["eval_after_s"] = time.time() - t
     log.info("after training: %s", task.headline(after))
 
-    model_dir = work / "model"
-    model.save_pretrained(str(model_dir), safe_serialization=True)
-    prepared.tokenizer.save_pretrained(str(model_dir))
+    model = save_model(model, prepared.tokenizer, work)
     samples = task.samples(model, prepared.tokenizer, cfg)
     timings["total_s"] = time.time() - t0
     metrics = {

@@ -115,8 +115,9 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: in
     return train_tokenizer(texts, vocab_size, min_frequency, max_bytes, model_max_length, show_progress, "gpt2")
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    """AutoTokenizer with a pad token guaranteed (causal LMs such as GPT-2 ship none)."""
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, new_pad_token: bool = False):
+    """AutoTokenizer with a pad token guaranteed (causal LMs such as GPT-2 ship none): EOS pads, or
+    with `new_pad_token` a new [PAD] token is added (the model's embeddings must then grow)."""
     from transformers import AutoTokenizer
 
     from lmtune.hub import from_pretrained_or_explain
@@ -124,7 +125,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     tokenizer = from_pretrained_or_explain(
         AutoTokenizer.from_pretrained, name_or_path, what="tokenizer", trust_remote_code=trust_remote_code
     )
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+    if tokenizer.pad_token is None and new_pad_token:
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    elif tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 

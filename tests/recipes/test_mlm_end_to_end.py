@@ -39,14 +39,7 @@ def topic_documents(n: int, seed: int) -> list[str]:
 TOPIC_OF = {word: topic for topic, words in TOPICS.items() for word in words}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Models this small train fastest on one thread; on a busy two-core machine two OpenMP threads can
-    be many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_recipe(tmp, name, recipe):

@@ -48,12 +48,7 @@ def reading_rows(n: int, seed: int, articles: int = 40, filler_words: int = 25) 
     return rows
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models train fastest on one thread on a busy two-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def qa_recipe(data, name="qa-tiny", **changes):

@@ -67,14 +67,7 @@ def generated_docs(n: int, seed: int, min_words: int = 10, max_words: int = 60) 
     return docs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Models this small run fastest on one thread; on a busy two-core machine two OpenMP threads can be
-    many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

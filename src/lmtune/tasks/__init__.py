@@ -1,5 +1,5 @@
 """One module per task family, each telling its whole story top to bottom. Each provides:
-`prepare(cfg) -> Prepared`, `build_model(cfg, tokenizer)`, `evaluate_run(model, prepared, cfg)`,
+`prepare(cfg) -> Prepared`, `build_model(cfg, tokenizer, prepared)`, `evaluate_run(model, prepared, cfg)`,
 `headline(metrics)`, `samples(model, tokenizer, cfg)`."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-TASK_MODULES = {"clm": "lmtune.tasks.clm", "mlm": "lmtune.tasks.mlm", "qa": "lmtune.tasks.qa"}
+TASK_MODULES = {"clm": "lmtune.tasks.clm", "mlm": "lmtune.tasks.mlm", "qa": "lmtune.tasks.qa",
+                "classify": "lmtune.tasks.classify"}
 
 
 def task_module(name: str) -> ModuleType:

@@ -23,7 +23,7 @@ from lmtune.data.sources import Corpus, SourceStats, iter_documents, load_corpus
 from lmtune.errors import InputError
 from lmtune.metrics import perplexity
 from lmtune.modeling import build_or_load, check_block_size
-from lmtune.tasks.common import Prepared, get_tokenizer, load_splits, seeded_subset
+from lmtune.tasks.common import Prepared, get_tokenizer, load_model_for, load_splits, seeded_subset
 from lmtune.training.losses import keytoken_ids
 
 log = logging.getLogger("lmtune")
@@ -119,7 +119,7 @@ def keytoken_kwargs(cfg: RecipeConfig, tokenizer) -> dict:
 # Model
 
 
-def build_model(cfg: RecipeConfig, tokenizer):
+def build_model(cfg: RecipeConfig, tokenizer, prepared: Prepared | None = None):
     model = build_or_load(cfg.model, tokenizer, cfg.data.block_size, cfg.training.seed, "clm")
     check_block_size(model.config, cfg.data.block_size)
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
@@ -211,13 +211,4 @@ def samples(model, tokenizer, cfg: RecipeConfig) -> list[dict]:
 
 
 def load_for_inference(model_dir: str | Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lmtune.hub import from_pretrained_or_explain
-
-    name = str(model_dir)
-    tokenizer = from_pretrained_or_explain(AutoTokenizer.from_pretrained, name, what="tokenizer", field="MODEL")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = from_pretrained_or_explain(AutoModelForCausalLM.from_pretrained, name, what="model", field="MODEL")
-    return model, tokenizer
+    return load_model_for("clm", model_dir)

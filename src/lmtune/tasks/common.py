@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ class Prepared:
     # which re-pads blocks that are already equal-length; tasks set it explicitly.
     collator: Any = None
     trainer_kwargs: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # what the task's build_model / evaluate need besides
 
 
 def load_splits(cfg: RecipeConfig) -> tuple[Corpus, Corpus]:
@@ -55,8 +57,12 @@ def tokenizer_style(cfg: RecipeConfig) -> str:
 
 
 def sequence_length(cfg: RecipeConfig) -> int:
-    """Tokens per training sequence: a QA window, otherwise a block / chunk."""
-    return cfg.qa.max_length if cfg.task == "qa" else cfg.data.block_size
+    """Tokens per training sequence: a QA window, a classified text, otherwise a block / chunk."""
+    if cfg.task == "qa":
+        return cfg.qa.max_length
+    if cfg.task == "classify" and cfg.classify.max_length:
+        return cfg.classify.max_length
+    return cfg.data.block_size
 
 
 def context_length(cfg: RecipeConfig) -> int:
@@ -96,7 +102,8 @@ def get_tokenizer(cfg: RecipeConfig, train: Corpus | None):
     if cfg.tokenizer.train:
         return trained_tokenizer(cfg, train)
     name = cfg.model.tokenizer or cfg.model.name_or_path
-    return load_tokenizer(name, trust_remote_code=cfg.model.trust_remote_code)
+    # Classification follows the LoRA article: a tokenizer without a pad token gets a new one.
+    return load_tokenizer(name, trust_remote_code=cfg.model.trust_remote_code, new_pad_token=cfg.task == "classify")
 
 
 def seeded_subset(rows: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
@@ -105,3 +112,20 @@ def seeded_subset(rows: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
         return rows
     keep = np.sort(np.random.default_rng(seed).permutation(len(rows))[:limit])
     return rows[keep]
+
+
+def load_model_for(task: str, model_dir: str | Path):
+    """A saved model with the task's head, and its tokenizer (what `lmtune predict` and `eval` load)."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    from lmtune.hub import from_pretrained_or_explain
+    from lmtune.modeling import HEADS
+
+    name = str(model_dir)
+    tokenizer = from_pretrained_or_explain(AutoTokenizer.from_pretrained, name, what="tokenizer", field="MODEL")
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    auto = getattr(transformers, HEADS[task][0])
+    model = from_pretrained_or_explain(auto.from_pretrained, name, what="model", field="MODEL")
+    return model, tokenizer

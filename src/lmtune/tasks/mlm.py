@@ -31,7 +31,7 @@ from lmtune.data.sources import Corpus
 from lmtune.errors import InputError
 from lmtune.metrics import perplexity
 from lmtune.modeling import build_or_load, check_pretrained_head, check_sequence_fits
-from lmtune.tasks.common import Prepared, get_tokenizer, load_splits, seeded_subset
+from lmtune.tasks.common import Prepared, get_tokenizer, load_model_for, load_splits, seeded_subset
 
 log = logging.getLogger("lmtune")
 CHUNK_CACHE_VERSION = "1"
@@ -249,7 +249,7 @@ def prepare(cfg: RecipeConfig) -> Prepared:
                     eval_dataset=FixedMaskedDataset(masked), collator=collator)
 
 
-def build_model(cfg: RecipeConfig, tokenizer):
+def build_model(cfg: RecipeConfig, tokenizer, prepared: Prepared | None = None):
     model = build_or_load(cfg.model, tokenizer, cfg.data.block_size, cfg.training.seed, "mlm")
     check_sequence_fits(model.config, cfg.data.block_size, "data.block_size")
     return model
@@ -316,11 +316,4 @@ def samples(model, tokenizer, cfg: RecipeConfig) -> list[dict]:
 
 
 def load_for_inference(model_dir: str | Path):
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
-
-    from lmtune.hub import from_pretrained_or_explain
-
-    name = str(model_dir)
-    tokenizer = from_pretrained_or_explain(AutoTokenizer.from_pretrained, name, what="tokenizer", field="MODEL")
-    model = from_pretrained_or_explain(AutoModelForMaskedLM.from_pretrained, name, what="model", field="MODEL")
-    return model, tokenizer
+    return load_model_for("mlm", model_dir)

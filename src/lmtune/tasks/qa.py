@@ -29,7 +29,7 @@ from lmtune.data.sources import Records, SourceStats, fingerprint_texts, load_re
 from lmtune.errors import InputError
 from lmtune.metrics import squad_scores
 from lmtune.modeling import build_or_load, check_pretrained_head, check_sequence_fits
-from lmtune.tasks.common import Prepared, get_tokenizer, seeded_subset
+from lmtune.tasks.common import Prepared, get_tokenizer, load_model_for, seeded_subset
 from lmtune.tasks.qa_postprocess import NO_OFFSET, postprocess_predictions
 
 log = logging.getLogger("lmtune")
@@ -306,7 +306,7 @@ def _tokenizer_corpus(examples: list[QAExample]):
     return Corpus(texts, SourceStats(documents=len(texts)), fingerprint_texts(texts))
 
 
-def build_model(cfg: RecipeConfig, tokenizer):
+def build_model(cfg: RecipeConfig, tokenizer, prepared: Prepared | None = None):
     model = build_or_load(cfg.model, tokenizer, cfg.qa.max_length, cfg.training.seed, "qa")
     check_sequence_fits(model.config, cfg.qa.max_length, "qa.max_length")
     return model
@@ -388,12 +388,4 @@ def samples(model, tokenizer, cfg: RecipeConfig) -> list[dict]:
 
 
 def load_for_inference(model_dir: str | Path):
-    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
-
-    from lmtune.hub import from_pretrained_or_explain
-
-    name = str(model_dir)
-    tokenizer = from_pretrained_or_explain(AutoTokenizer.from_pretrained, name, what="tokenizer", field="MODEL")
-    model = from_pretrained_or_explain(AutoModelForQuestionAnswering.from_pretrained, name, what="model",
-                                       field="MODEL")
-    return model, tokenizer
+    return load_model_for("qa", model_dir)

@@ -72,6 +72,11 @@ def training_arguments(cfg: TrainingConfig, output_dir: Path, precision: str, ha
         disable_tqdm=not sys.stderr.isatty(),
         remove_unused_columns=False,
         save_only_model=False,
+        load_best_model_at_end=cfg.load_best_model_at_end and eval_strategy != "no",
+        metric_for_best_model=cfg.metric_for_best_model if cfg.load_best_model_at_end else None,
+        # loss and error metrics: lower is better; accuracy, F1 and the like: higher
+        greater_is_better=cfg.metric_for_best_model.removeprefix("eval_") not in {"loss", "mse", "mae"}
+        if cfg.load_best_model_at_end else None,
     )
 
 
