@@ -129,6 +129,8 @@ def cmd_predict(args) -> int:
         return predict_qa(args)
     if task == "classify":
         return predict_classify(args)
+    if task == "sft":
+        return predict_sft(args)
 
     prompts = _prompts(args)
     model, tokenizer = clm.load_for_inference(_model_dir(args.run))
@@ -231,6 +233,43 @@ def cmd_export(args) -> int:
     return 0
 
 
+def predict_sft(args) -> int:
+    """Prompts rendered with the template the run was trained with (its config.yaml), then answered."""
+    import yaml
+
+    from lmtune.config import validate_recipe
+    from lmtune.tasks import sft
+
+    run_config = Path(args.run) / "config.yaml"
+    if not run_config.is_file():
+        raise InputError(f"'{args.run}' has no config.yaml, so its prompt template is unknown; give a run dir.")
+    cfg = validate_recipe(yaml.safe_load(run_config.read_text()), origin=f"'{run_config}'")
+    extra = dict(_key_value(item) for item in args.field)
+    records = []
+    for text in _prompts(args):
+        if cfg.sft.format == "alpaca":
+            records.append({"instruction": text, **extra})
+        elif cfg.sft.format == "chat":
+            records.append({cfg.sft.messages_field: [{"role": "user", "content": text}]})
+        else:
+            prompt_part, _ = sft.split_template(cfg.sft.template, cfg.sft.response_field)
+            first = sft.template_fields(prompt_part)[:1]
+            records.append({**dict.fromkeys(first, text), **extra})
+    model, tokenizer = sft.load_for_inference(_model_dir(args.run))
+    prompts = [sft.to_pair(r, cfg, tokenizer, f"prompt {i + 1}", "predict", with_response=False).prompt
+               for i, r in enumerate(records)]
+    for result in sft.answer(model, tokenizer, prompts, args.max_new_tokens):
+        print(json.dumps(result, ensure_ascii=False))
+    return 0
+
+
+def _key_value(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise InputError(f"--field '{item}' is not of the form name=value.")
+    key, value = item.split("=", 1)
+    return key.strip(), value
+
+
 def predict_classify(args) -> int:
     from lmtune.tasks import classify
 
@@ -321,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--file", help="more prompts, one per line (QA: JSON Lines of {question, context})")
     pr.add_argument("--question", help="QA: the question")
     pr.add_argument("--context", help="QA: the text that holds the answer")
+    pr.add_argument("--field", action="append", default=[], metavar="NAME=VALUE",
+                    help="SFT: another field of the run's prompt template")
     pr.add_argument("--max-new-tokens", type=int, default=64)
     pr.add_argument("--temperature", type=float, default=0.0, help="0 means greedy decoding")
     pr.add_argument("--top-k", type=int, help="sampling top-k (50); for a masked LM, fills per mask (5)")

@@ -201,6 +201,27 @@ class ClassifyConfig(Section):
     samples: list[str] = Field(default_factory=list, description="Classified before and after; in metrics.json.")
 
 
+class SFTConfig(Section):
+    """Instruction tuning (task sft): records rendered as prompt + response, loss on the response."""
+
+    format: Literal["template", "alpaca", "chat"] = Field(
+        "template", description="template: `template` with named fields; alpaca: instruction/input/output; "
+        "chat: a list of {role, content} messages rendered by the tokenizer's chat template.")
+    template: str = Field(
+        "Please answer the following question.\nQ: {question}\nA: {answer}",
+        description="Python format string over the record's fields; the response field comes last.")
+    response_field: str = Field("answer", description="The field the model learns to write (template format).")
+    messages_field: str = Field("messages", description="chat format: the record's list of messages.")
+    completion_only_loss: bool = Field(True, description="Loss on the response tokens only (prompt labels -100).")
+    add_eos: bool = Field(True, description="End each response with EOS, so the tuned model learns to stop.")
+    max_length: int = Field(512, ge=8, description="Longer examples are cut (from the end) to this many tokens.")
+    packing: bool = Field(False, description="Concatenate examples into max_length sequences (fewer pad tokens).")
+    max_train_examples: int | None = Field(None, gt=0)
+    max_validation_examples: int | None = Field(None, gt=0)
+    samples: list[dict[str, str]] = Field(
+        default_factory=list, description="Records without the response, answered before and after training.")
+
+
 class LoRAConfig(Section):
     """Low-rank adapters (peft) for training.mode lora."""
 
@@ -267,7 +288,7 @@ class OutputConfig(Section):
 
 
 class RecipeConfig(Section):
-    task: Literal["clm", "mlm", "qa", "classify"] = "clm"
+    task: Literal["clm", "mlm", "qa", "classify", "sft"] = "clm"
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     description: str = ""
     model: ModelConfig
@@ -277,6 +298,7 @@ class RecipeConfig(Section):
     mlm: MLMConfig = Field(default_factory=MLMConfig)
     qa: QAConfig = Field(default_factory=QAConfig)
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
@@ -289,12 +311,12 @@ class RecipeConfig(Section):
         if self.model.from_scratch is not None and not self.tokenizer.train and self.model.tokenizer is None:
             raise ValueError("a model from scratch needs a tokenizer: set tokenizer.train: true or model.tokenizer")
         fs = self.model.from_scratch
-        allowed = CAUSAL_ARCHITECTURES if self.task == "clm" else MASKED_ARCHITECTURES
+        allowed = CAUSAL_ARCHITECTURES if self.task in ("clm", "sft") else MASKED_ARCHITECTURES
         if fs is not None and fs.architecture not in allowed:
             raise ValueError(
                 f"task {self.task} needs model.from_scratch.architecture in {', '.join(allowed)}, not {fs.architecture}"
             )
-        if self.training.mode == "head" and self.task in ("clm", "mlm"):
+        if self.training.mode == "head" and self.task in ("clm", "mlm", "sft"):
             raise ValueError(f"training.mode head trains a new task head; task {self.task} keeps the pretrained LM head "
                              "(use full or lora)")
         if self.training.mode != "full" and self.model.from_scratch is not None:

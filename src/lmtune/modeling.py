@@ -121,6 +121,7 @@ HEADS = {
             "an encoder such as bert or roberta"),
     "qa": ("AutoModelForQuestionAnswering", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "question-answering",
            "an encoder such as bert or roberta"),
+    "sft": ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "causal-LM", "a decoder such as gpt2"),
     "classify": ("AutoModelForSequenceClassification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
                  "sequence-classification", "an encoder such as distilbert or bert, or a decoder such as gpt2"),
 }
@@ -192,7 +193,7 @@ def grow_embeddings(model, vocab_size: int) -> None:
 # The LoRA article adapts DistilBERT's q_lin; peft's own table covers many more architectures.
 LORA_TARGETS = {"distilbert": ["q_lin"], "bert": ["query", "value"], "roberta": ["query", "value"],
                 "gpt2": ["c_attn"]}
-PEFT_TASK_TYPES = {"clm": "CAUSAL_LM", "classify": "SEQ_CLS", "qa": "QUESTION_ANS", "mlm": None}
+PEFT_TASK_TYPES = {"clm": "CAUSAL_LM", "sft": "CAUSAL_LM", "classify": "SEQ_CLS", "qa": "QUESTION_ANS", "mlm": None}
 NEW_HEAD_TASKS = ("classify", "qa")
 
 

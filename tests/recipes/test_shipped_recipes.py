@@ -13,13 +13,16 @@ from ..conftest import REPO
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 HUB_RECIPES = ["clm-eli5-distilgpt2.yaml", "clm-wikitext2-distilgpt2.yaml", "codeparrot-ds.yaml",
-               "mlm-imdb-distilbert.yaml", "mlm-wikitext2-distilroberta.yaml", "qa-squad-bert.yaml"]
+               "mlm-imdb-distilbert.yaml", "mlm-wikitext2-distilroberta.yaml", "qa-squad-bert.yaml",
+               "classify-imdb-lora-distilbert.yaml", "sft-gsm8k-distilgpt2.yaml"]
 
 
 def test_recipes_exist():
     names = {p.name for p in RECIPES}
     assert {"codeparrot-local.yaml", "clm-finetune-stdlib-local.yaml", "mlm-bert-scratch-local.yaml",
-            "mlm-imdb-minilm-local.yaml", "qa-squad-minilm-local.yaml", *HUB_RECIPES} <= names
+            "mlm-imdb-minilm-local.yaml", "qa-squad-minilm-local.yaml", "classify-imdb-minilm-full-local.yaml",
+            "classify-imdb-minilm-head-local.yaml", "classify-imdb-minilm-lora-local.yaml", "sft-gsm8k-local.yaml",
+            *HUB_RECIPES} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
@@ -43,6 +46,12 @@ def test_tutorial_hyperparameters_are_the_tutorials():
     assert (imdb.task, imdb.data.block_size, imdb.data.max_train_blocks, imdb.data.max_validation_blocks) == (
         "mlm", 128, 10000, 1000)
     assert (imdb.training.learning_rate, imdb.training.weight_decay, imdb.mlm.mlm_probability) == (2e-5, 0.01, 0.15)
+    lora = load_recipe(REPO / "recipes" / "classify-imdb-lora-distilbert.yaml")
+    t = lora.training
+    assert (lora.lora.r, lora.lora.alpha, lora.lora.dropout, lora.lora.target_modules) == (4, 32, 0.01, ["q_lin"])
+    assert (t.mode, t.learning_rate, t.batch_size, t.num_epochs, t.eval_strategy, t.save_strategy,
+            t.load_best_model_at_end) == ("lora", 1e-3, 4, 10, "epoch", "epoch", True)
+    assert (lora.classify.truncation_side, lora.data.train.path) == ("left", "shawhin/imdb-truncated")
     squad = load_recipe(REPO / "recipes" / "qa-squad-bert.yaml")
     assert (squad.task, squad.qa.max_length, squad.qa.stride, squad.qa.n_best, squad.qa.max_answer_length) == (
         "qa", 384, 128, 20, 30)

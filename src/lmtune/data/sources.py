@@ -50,9 +50,11 @@ class SourceStats:
     undecodable: list[str] = field(default_factory=list)
     filtered_out: int = 0
 
-    def summary(self, label: str) -> str:
-        parts = [f"{label}: {self.documents:,} documents"]
-        if self.files_seen:
+    def summary(self, label: str, unit: str = "documents") -> str:
+        parts = [f"{label}: {self.documents:,} {unit}"]
+        if self.files_seen and unit != "documents":  # records: what was kept is counted in records
+            parts.append(f"from {self.files_kept:,} of {self.files_seen:,} files ({self.bytes_seen / 1e6:.1f} MB)")
+        elif self.files_seen:
             parts.append(
                 f"from {self.files_kept:,} of {self.files_seen:,} files "
                 f"({self.bytes_kept / 1e6:.1f} MB of {self.bytes_seen / 1e6:.1f} MB)"
@@ -219,6 +221,15 @@ def decode(data: bytes) -> str | None:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
         return None
+
+
+def required_field(record: dict, name: str, location: str, where: str, fix: str) -> Any:
+    """A record's (dotted) field, or one sentence naming the record, the field, what it has and the fix."""
+    try:
+        return get_field(record, name)
+    except KeyError:
+        fields = ", ".join(list(record)[:12]) or "(none)"
+        raise InputError(f"{where}: {location} has no field '{name}' (fields: {fields}); {fix}.") from None
 
 
 def record_matches(record: dict, match: dict | None, location: str, where: str) -> bool:
@@ -593,7 +604,7 @@ def load_records(src: SourceConfig, where: str) -> Records:
     rows = list(iter_records(src, where, stats))
     warn_undecodable(stats, where)
     if not rows:
-        raise InputError(f"{where}: no records found ({stats.summary('read')}); check the path and match.")
+        raise InputError(f"{where}: no records found ({stats.summary('read', 'records')}); check the path and match.")
     digest = hashlib.sha256()
     for _, record in rows:
         digest.update(json.dumps(record, sort_keys=True, default=str).encode("utf-8", "surrogatepass"))

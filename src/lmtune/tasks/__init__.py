@@ -8,7 +8,7 @@ import importlib
 from types import ModuleType
 
 TASK_MODULES = {"clm": "lmtune.tasks.clm", "mlm": "lmtune.tasks.mlm", "qa": "lmtune.tasks.qa",
-                "classify": "lmtune.tasks.classify"}
+                "classify": "lmtune.tasks.classify", "sft": "lmtune.tasks.sft"}
 
 
 def task_module(name: str) -> ModuleType:

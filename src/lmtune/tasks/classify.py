@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from lmtune.config import RecipeConfig, SourceConfig
-from lmtune.data.sources import get_field, load_records
+from lmtune.data.sources import load_records, required_field
 from lmtune.errors import InputError
 from lmtune.modeling import build_or_load, check_pretrained_head, max_positions
-from lmtune.tasks.common import Prepared, get_tokenizer, load_model_for
+from lmtune.tasks.common import FeatureDataset, Prepared, get_tokenizer, load_model_for
 
 log = logging.getLogger("lmtune")
 
@@ -46,12 +46,8 @@ class Examples:
 
 
 def _text(record: dict, field: str, location: str, where: str) -> str:
-    try:
-        value = get_field(record, field)
-    except KeyError:
-        fields = ", ".join(list(record)[:12]) or "(none)"
-        raise InputError(f"{where}: {location} has no field '{field}' (fields: {fields}); set the field name "
-                         "(data.*.text_field, classify.text_pair_field).") from None
+    value = required_field(record, field, location, where,
+                           "set the field name (data.*.text_field, classify.text_pair_field)")
     if not isinstance(value, str):
         raise InputError(f"{where}: field '{field}' in {location} is a {type(value).__name__}, not text.")
     return value
@@ -70,7 +66,7 @@ def read_examples(src: SourceConfig, cfg: RecipeConfig, where: str) -> Examples:
                              "set classify.label_field.")
         labels.append(record[c.label_field])
         locations.append(location)
-    log.info("%s, %d examples", records.stats.summary(where), len(texts))
+    log.info(records.stats.summary(where, "examples"))
     return Examples(texts, pairs, labels, locations)
 
 
@@ -191,19 +187,6 @@ def tokenize(tokenizer, texts: list[str], pairs: list[str] | None, max_length: i
     return [{k: enc[k][i] for k in keys} for i in range(len(texts))]
 
 
-class FeatureDataset(torch.utils.data.Dataset):
-    def __init__(self, features: list[dict], labels: list | None = None):
-        self.features = features
-        self.labels = labels
-
-    def __len__(self) -> int:
-        return len(self.features)
-
-    def __getitem__(self, i: int) -> dict:
-        item = dict(self.features[i])
-        if self.labels is not None:
-            item["labels"] = self.labels[i]
-        return item
 
 
 @dataclass

@@ -166,14 +166,9 @@ def evaluate(model, blocks: np.ndarray, batch_size: int = 16) -> dict:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, do_sample: bool = False,
-             temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, num_return_sequences: int = 1,
-             seed: int = 0, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> list[list[str]]:
-    """Completions (prompt excluded) for a batch of prompts, using the KV cache; left padding so
-    every prompt ends where generation starts."""
-    if not prompts:
-        return []
-    torch.manual_seed(seed)
+def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, **options) -> tuple[torch.Tensor, int]:
+    """New token ids for a batch of prompts, using the KV cache; left padding so every prompt ends
+    where generation starts. Returns the ids and the prompt width to cut."""
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -182,21 +177,38 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, do_
     finally:
         tokenizer.padding_side = side
     enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p) if do_sample else {}
     out = model.generate(
         **enc,
         max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        num_return_sequences=num_return_sequences,
-        repetition_penalty=repetition_penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        **sampling,
+        **options,
     )
-    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return out, enc["input_ids"].shape[1]
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, num_return_sequences: int = 1,
+             seed: int = 0, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> list[list[str]]:
+    """Completions (prompt excluded) for a batch of prompts, num_return_sequences each."""
+    if not prompts:
+        return []
+    torch.manual_seed(seed)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p) if do_sample else {}
+    out, width = _generate(model, tokenizer, prompts, max_new_tokens, do_sample=do_sample,
+                           num_return_sequences=num_return_sequences, repetition_penalty=repetition_penalty,
+                           no_repeat_ngram_size=no_repeat_ngram_size, **sampling)
+    texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     n = num_return_sequences
     return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int = 64) -> list[list[int]]:
+    """Greedy new token ids per prompt, EOS included when the model produced it."""
+    if not prompts:
+        return []
+    out, width = _generate(model, tokenizer, prompts, max_new_tokens, do_sample=False)
+    return [row.tolist() for row in out[:, width:]]
 
 
 def samples(model, tokenizer, cfg: RecipeConfig) -> list[dict]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from lmtune.config import RecipeConfig
 from lmtune.data.packing import cache_root
@@ -33,6 +34,22 @@ class Prepared:
     collator: Any = None
     trainer_kwargs: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # what the task's build_model / evaluate need besides
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """Tokenized examples (dicts of lists), with their labels kept beside them when given."""
+
+    def __init__(self, features: list[dict], labels: list | None = None):
+        self.features = features
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> dict:
+        if self.labels is None:
+            return self.features[i]
+        return {**self.features[i], "labels": self.labels[i]}
 
 
 def load_splits(cfg: RecipeConfig) -> tuple[Corpus, Corpus]:
@@ -62,6 +79,8 @@ def sequence_length(cfg: RecipeConfig) -> int:
         return cfg.qa.max_length
     if cfg.task == "classify" and cfg.classify.max_length:
         return cfg.classify.max_length
+    if cfg.task == "sft":
+        return cfg.sft.max_length
     return cfg.data.block_size
 
 

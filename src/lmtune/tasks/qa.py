@@ -29,7 +29,7 @@ from lmtune.data.sources import Records, SourceStats, fingerprint_texts, load_re
 from lmtune.errors import InputError
 from lmtune.metrics import squad_scores
 from lmtune.modeling import build_or_load, check_pretrained_head, check_sequence_fits
-from lmtune.tasks.common import Prepared, get_tokenizer, load_model_for, seeded_subset
+from lmtune.tasks.common import FeatureDataset, Prepared, get_tokenizer, load_model_for, seeded_subset
 from lmtune.tasks.qa_postprocess import NO_OFFSET, postprocess_predictions
 
 log = logging.getLogger("lmtune")
@@ -242,15 +242,6 @@ def evaluation_features(tokenizer, examples: list[QAExample], max_length: int, s
     return EvalFeatures(inputs, offsets, np.asarray(enc["overflow_to_sample_mapping"], dtype=np.int64), examples)
 
 
-class FeatureDataset(torch.utils.data.Dataset):
-    def __init__(self, features: list[dict]):
-        self.features = features
-
-    def __len__(self) -> int:
-        return len(self.features)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.features[i]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,10 +253,10 @@ def prepare(cfg: RecipeConfig) -> Prepared:
 
     check_pretrained_head(cfg.model, "qa")
     train, stats = load_examples(cfg.data.train, cfg, "data.train")
-    log.info(stats.summary("data.train") + f", {len(train):,} questions")
+    log.info(stats.summary("data.train", "records") + f", {len(train):,} questions")
     if cfg.data.validation is not None:
         val, vstats = load_examples(cfg.data.validation, cfg, "data.validation")
-        log.info(vstats.summary("data.validation") + f", {len(val):,} questions")
+        log.info(vstats.summary("data.validation", "records") + f", {len(val):,} questions")
     else:
         train, val = split_by_group(train, cfg.data.validation_fraction, cfg.data.split_seed)
         log.info("held out %d questions of %d articles for validation (seed %d)", len(val),

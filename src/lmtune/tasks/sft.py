@@ -1,0 +1,297 @@
+"""Instruction tuning (supervised fine-tuning) of a causal LM, the article's second way to fine-tune.
+
+    records -> (prompt, response) pairs: a template with named fields as written in the recipe
+               (the article's "Please answer the following question. Q: {question} A: {answer}"),
+               Alpaca's instruction/input/output templates, or chat messages through the tokenizer's
+               own chat template
+    -> tokens: prompt + response + EOS (so the tuned model learns to stop); labels -100 on the prompt,
+       so the loss is on the response only (switchable); optionally packed into max_length sequences
+    -> AutoModelForCausalLM through the Trainer
+    -> response loss and perplexity on held-out examples before and after; the recipe's sample
+       prompts answered before and after (greedy, stopping at EOS).
+
+The tokenization is ours rather than TRL's SFTTrainer's: evaluation before training, `lmtune predict`
+and the tests need the very same prompt rendering and label mask that training used, and the
+pipeline's Trainer (keytoken loss, logging, resume) serves every task.
+"""
+
+from __future__ import annotations
+
+import logging
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmtune.config import RecipeConfig, SFTConfig
+from lmtune.data.sources import load_records, required_field
+from lmtune.errors import InputError
+from lmtune.metrics import perplexity
+from lmtune.modeling import build_or_load, check_block_size, check_pretrained_head
+from lmtune.tasks.common import FeatureDataset, Prepared, get_tokenizer, load_model_for, seeded_subset
+
+log = logging.getLogger("lmtune")
+
+IGNORE = -100
+ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                     "context. Write a response that appropriately completes the request.\n\n"
+                     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                   "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Records -> (prompt, response)
+
+
+@dataclass
+class Pair:
+    prompt: str
+    response: str
+
+
+def template_fields(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def split_template(template: str, response_field: str) -> tuple[str, str]:
+    """The prompt part (before the response placeholder) and what follows the response."""
+    marker = "{" + response_field + "}"
+    if template.count(marker) != 1:
+        raise InputError(f"sft.template must contain {marker} exactly once (the response the model learns to write); "
+                         f"got {template!r}.")
+    prompt, tail = template.split(marker)
+    if template_fields(tail):
+        raise InputError(f"sft.template: {marker} must be the last field; move {', '.join(template_fields(tail))} "
+                         "before it.")
+    return prompt, tail
+
+
+def _value(record: dict, name: str, location: str, where: str) -> str:
+    value = required_field(record, name, location, where, "the template uses it: fix sft.template or the data")
+    return "" if value is None else str(value)
+
+
+def render_template(record: dict, sft: SFTConfig, location: str, where: str, with_response: bool = True) -> Pair:
+    prompt_part, tail = split_template(sft.template, sft.response_field)
+    values = {name: _value(record, name, location, where) for name in template_fields(prompt_part)}
+    prompt = prompt_part.format(**values)
+    response = (_value(record, sft.response_field, location, where) + tail) if with_response else ""
+    return Pair(prompt, response)
+
+
+def render_alpaca(record: dict, location: str, where: str, with_response: bool = True) -> Pair:
+    instruction = _value(record, "instruction", location, where)
+    extra = str(record.get("input") or "")
+    template = ALPACA_WITH_INPUT if extra.strip() else ALPACA_NO_INPUT
+    response = _value(record, "output", location, where) if with_response else ""
+    return Pair(template.format(instruction=instruction, input=extra), response)
+
+
+def render_chat(record: dict, sft: SFTConfig, tokenizer, location: str, where: str,
+                with_response: bool = True) -> Pair:
+    """The conversation up to the last assistant turn is the prompt (with the generation prompt the
+    chat template adds); that turn's rendering is the response."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise InputError("sft.format chat needs a tokenizer with a chat template; this one has none -- use "
+                         "sft.format template.")
+    messages = record.get(sft.messages_field)
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m)
+                                                 for m in messages):
+        raise InputError(f"{where}: {location} needs '{sft.messages_field}': a list of {{role, content}} messages.")
+    if with_response and (not messages or messages[-1]["role"] != "assistant"):
+        raise InputError(f"{where}: the last message in {location} must be the assistant's reply to learn.")
+    history = messages[:-1] if with_response else messages
+    prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+    if not with_response:
+        return Pair(prompt, "")
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise InputError("the tokenizer's chat template renders the conversation differently with and without its "
+                         "last reply, so the reply cannot be told from the prompt; use sft.format template.")
+    return Pair(prompt, full[len(prompt):])
+
+
+def to_pair(record: dict, cfg: RecipeConfig, tokenizer, location: str, where: str, with_response: bool = True) -> Pair:
+    if cfg.sft.format == "alpaca":
+        return render_alpaca(record, location, where, with_response)
+    if cfg.sft.format == "chat":
+        return render_chat(record, cfg.sft, tokenizer, location, where, with_response)
+    return render_template(record, cfg.sft, location, where, with_response)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokens and labels
+
+
+def tokenize_pairs(tokenizer, pairs: list[Pair], max_length: int, completion_only: bool, add_eos: bool) -> list[dict]:
+    """input_ids = prompt + response (+ EOS), cut to max_length; labels = input_ids with the prompt's
+    positions set to -100 when the loss is on the response only. Prompt and response are tokenized
+    separately so the boundary is exact whatever the tokenizer merges across it."""
+    prompts = tokenizer([p.prompt for p in pairs], add_special_tokens=False)["input_ids"]
+    responses = tokenizer([p.response for p in pairs], add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
+    features = []
+    for p_ids, r_ids in zip(prompts, responses):
+        ids = (list(p_ids) + list(r_ids) + eos)[:max_length]
+        labels = ([IGNORE] * len(p_ids) if completion_only else list(p_ids)) + list(r_ids) + eos
+        features.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels[:max_length]})
+    return features
+
+
+def pack_features(features: list[dict], max_length: int, pad_id: int) -> list[dict]:
+    """Examples concatenated and cut into max_length sequences, labels kept aligned (the prompt mask
+    survives); the last short sequence is padded with labels -100."""
+    ids = np.fromiter((t for f in features for t in f["input_ids"]), dtype=np.int64)
+    labels = np.fromiter((t for f in features for t in f["labels"]), dtype=np.int64)
+    n = -(-len(ids) // max_length)
+    padded_ids = np.full(n * max_length, pad_id, dtype=np.int64)
+    padded_labels = np.full(n * max_length, IGNORE, dtype=np.int64)
+    padded_ids[: len(ids)], padded_labels[: len(labels)] = ids, labels
+    mask = np.zeros(n * max_length, dtype=np.int64)
+    mask[: len(ids)] = 1
+    return [{"input_ids": padded_ids[i : i + max_length].tolist(), "labels": padded_labels[i : i + max_length].tolist(),
+             "attention_mask": mask[i : i + max_length].tolist()} for i in range(0, n * max_length, max_length)]
+
+
+class PadCollator:
+    """Right-pads input_ids (pad id), attention_mask (0) and labels (-100) to the batch's longest."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        out = {}
+        for key, fill in (("input_ids", self.pad_id), ("attention_mask", 0), ("labels", IGNORE)):
+            out[key] = torch.tensor([list(f[key]) + [fill] * (width - len(f[key])) for f in features], dtype=torch.long)
+        return out
+
+
+
+
+# --------------------------------------------------------------------------------------------------
+# The task's pieces for the pipeline (run.py)
+
+
+def read_pairs(src, cfg: RecipeConfig, tokenizer, where: str) -> list[Pair]:
+    records = load_records(src, where)
+    log.info(records.stats.summary(where, "examples"))
+    pairs = [to_pair(record, cfg, tokenizer, location, where) for location, record in records.rows]
+    empty = sum(not p.response.strip() for p in pairs)
+    if empty == len(pairs):
+        raise InputError(f"{where}: every response is empty; check sft.response_field / the data.")
+    if empty:
+        log.warning("%s: dropped %d examples with an empty response", where, empty)
+    return [p for p in pairs if p.response.strip()]
+
+
+def prepare(cfg: RecipeConfig) -> Prepared:
+    from lmtune.data.sources import split_train_validation
+
+    check_pretrained_head(cfg.model, "sft")
+    s = cfg.sft
+    if s.format == "template":
+        split_template(s.template, s.response_field)  # a bad template is reported before any data is read
+    if cfg.tokenizer.train:
+        raise InputError("task sft tunes a pretrained model with its own tokenizer; drop tokenizer.train (a model "
+                         "from scratch names one with model.tokenizer).")
+    tokenizer = get_tokenizer(cfg, None)
+    train = read_pairs(cfg.data.train, cfg, tokenizer, "data.train")
+    if cfg.data.validation is not None:
+        val = read_pairs(cfg.data.validation, cfg, tokenizer, "data.validation")
+    else:
+        train, val = split_train_validation(train, cfg.data.validation_fraction, cfg.data.split_seed)
+    train = [train[i] for i in seeded_subset(np.arange(len(train)), s.max_train_examples, cfg.training.seed)]
+    val = [val[i] for i in seeded_subset(np.arange(len(val)), s.max_validation_examples, cfg.training.seed)]
+    train_features = tokenize_pairs(tokenizer, train, s.max_length, s.completion_only_loss, s.add_eos)
+    val_features = tokenize_pairs(tokenizer, val, s.max_length, True, s.add_eos)  # evaluated on responses
+    cut = sum(len(f["input_ids"]) >= s.max_length for f in train_features)
+    if cut:
+        log.warning("data.train: %d of %d examples were cut to sft.max_length %d", cut, len(train_features),
+                    s.max_length)
+    if s.packing:
+        train_features = pack_features(train_features, s.max_length, tokenizer.pad_token_id)
+    info = {"train_examples": len(train), "validation_examples": len(val), "train_sequences": len(train_features),
+            "train_cut": cut, "format": s.format, "completion_only_loss": s.completion_only_loss,
+            "packing": s.packing, "example": {"prompt": train[0].prompt, "response": train[0].response}}
+    log.info("SFT: %d training and %d validation examples; first prompt: %r", len(train), len(val), train[0].prompt)
+    collator = PadCollator(tokenizer.pad_token_id)
+    return Prepared(tokenizer, FeatureDataset(train_features), val_features, info,
+                    eval_dataset=FeatureDataset(val_features), collator=collator)
+
+
+def build_model(cfg: RecipeConfig, tokenizer, prepared: Prepared | None = None):
+    model = build_or_load(cfg.model, tokenizer, cfg.sft.max_length, cfg.training.seed, "sft")
+    check_block_size(model.config, cfg.sft.max_length, "sft.max_length")
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation and generation
+
+
+@torch.no_grad()
+def evaluate(model, features: list[dict], pad_id: int, batch_size: int = 16) -> dict:
+    """Token-weighted next-token cross-entropy over the response tokens (labels != -100) and its exp."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    collate = PadCollator(pad_id)
+    total, count = 0.0, 0
+    order = np.argsort([len(f["input_ids"]) for f in features], kind="stable")
+    for b in range(0, len(order), batch_size):
+        batch = {k: v.to(device) for k, v in collate([features[i] for i in order[b : b + batch_size]]).items()}
+        labels = batch.pop("labels")[:, 1:]
+        logits = model(**batch).logits[:, :-1].float()
+        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                                         ignore_index=IGNORE, reduction="sum"))
+        count += int((labels != IGNORE).sum())
+    model.train(was_training)
+    mean = total / max(count, 1)
+    return {"loss": mean, "perplexity": perplexity(mean), "response_tokens": count}
+
+
+def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 64) -> list[dict]:
+    """Greedy completions of rendered prompts; `stopped` says whether the model ended with EOS."""
+    from lmtune.tasks.clm import generate_ids
+
+    results = []
+    for prompt, ids in zip(prompts, generate_ids(model, tokenizer, prompts, max_new_tokens)):
+        stopped = tokenizer.eos_token_id in ids
+        if stopped:
+            ids = ids[: ids.index(tokenizer.eos_token_id)]
+        results.append({"prompt": prompt, "response": tokenizer.decode(ids, skip_special_tokens=True),
+                        "stopped_at_eos": stopped})
+    return results
+
+
+def sample_prompts(cfg: RecipeConfig, tokenizer) -> list[str]:
+    return [to_pair(record, cfg, tokenizer, f"sft.samples[{i}]", "sft.samples", with_response=False).prompt
+            for i, record in enumerate(cfg.sft.samples)]
+
+
+def evaluate_run(model, prepared: Prepared, cfg: RecipeConfig) -> dict:
+    metrics = evaluate(model, prepared.validation, prepared.tokenizer.pad_token_id,
+                       cfg.training.eval_batch_size or cfg.training.batch_size)
+    if cfg.sft.samples:
+        metrics["samples"] = samples(model, prepared.tokenizer, cfg)
+    return metrics
+
+
+def headline(metrics: dict) -> str:
+    return (f"response perplexity {metrics['perplexity']:.2f} (loss {metrics['loss']:.4f}, "
+            f"{metrics['response_tokens']} tokens)")
+
+
+def samples(model, tokenizer, cfg: RecipeConfig) -> list[dict]:
+    prompts = sample_prompts(cfg, tokenizer)
+    return answer(model, tokenizer, prompts, cfg.generation.max_new_tokens) if prompts else []
+
+
+def load_for_inference(model_dir: str | Path):
+    return load_model_for("sft", model_dir)
