@@ -269,3 +269,29 @@ def test_bad_input_stops_with_one_sentence(world, tmp_path, kind, words, capsys)
     errors = [line for line in err.splitlines() if line.startswith("lmtune: error:")]
     assert len(errors) == 1 and all(w in errors[0] for w in words), err
     assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("problem", ["multi_label", "regression"])
+def test_multi_label_and_regression_train_and_report_their_metrics(world, tmp_path, problem):
+    rows = keyword_rows(300, seed=5)
+    if problem == "multi_label":  # a label per keyword family present: pos or neg, and sometimes 'fast'
+        rng = random.Random(6)
+        fast = [rng.random() < 0.5 for _ in rows]
+        rows = [{"text": r["text"] + (" quick" if f else ""), "label": [r["label"]] + (["fast"] if f else [])}
+                for r, f in zip(rows, fast)]
+    else:  # a score: +1 for a positive keyword, -1 for a negative one
+        rows = [{"text": r["text"], "label": 1.0 if r["label"] == "pos" else -1.0} for r in rows]
+    path = write_jsonl(tmp_path / "data.jsonl", rows)
+    run, metrics = train(world, world[0] / "base", "full", f"{problem}-run",
+                         **{"data.train.path": str(path), "data.validation": None, "classify.problem_type": problem,
+                            "training.max_steps": 150})
+    before, after = metrics["before"], metrics["after"]
+    config = json.loads((run / "model" / "config.json").read_text())
+    if problem == "multi_label":
+        assert config["problem_type"] == "multi_label_classification" and len(config["id2label"]) == 3
+        assert after["f1_micro"] > before["f1_micro"] and after["f1_micro"] > 0.8, (before, after)
+        assert set(after["samples"][0]["scores"]) == {"fast", "neg", "pos"}
+    else:
+        assert config["problem_type"] == "regression" and len(config["id2label"]) == 1
+        assert after["mse"] < before["mse"] / 4 and after["pearson"] > 0.9, (before, after)
+        assert after["samples"][0]["value"] > 0 > after["samples"][1]["value"]
