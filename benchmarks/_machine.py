@@ -57,7 +57,8 @@ def run_recipe(repo, recipe: str, overrides: list[str]) -> tuple[dict, float, fl
         for item in overrides:
             cmd += ["--set", item]
         start = time.time()
-        proc = subprocess.Popen(cmd, cwd=repo, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        # the run's own stdout goes to stderr: stdout carries only the benchmark's JSON lines
+        proc = subprocess.Popen(cmd, cwd=repo, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=sys.stderr)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.time() - start
         code = proc.returncode = os.waitstatus_to_exitcode(status)

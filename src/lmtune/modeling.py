@@ -203,10 +203,16 @@ def is_peft_model(model) -> bool:
 
 def head_module_names(model) -> list[str]:
     """The task head: the model's children that hold parameters, other than its base model
-    (DistilBERT: pre_classifier, classifier; BERT: classifier; GPT-2: score)."""
-    base = getattr(model, "base_model_prefix", "")
-    return [name for name, module in model.named_children()
-            if name != base and any(True for _ in module.parameters())]
+    (DistilBERT: pre_classifier, classifier; GPT-2: score), and the base model's pooler where it has
+    one (BERT: bert.pooler, the dense layer over [CLS] that only classification uses -- the counterpart
+    of DistilBERT's pre_classifier)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    names = [name for name, module in model.named_children()
+             if name != prefix and any(True for _ in module.parameters())]
+    pooler = getattr(getattr(model, prefix, None), "pooler", None)
+    if isinstance(pooler, torch.nn.Module) and any(True for _ in pooler.parameters()):
+        names.append(f"{prefix}.pooler")
+    return names
 
 
 def linear_module_names(model) -> list[str]:
@@ -222,12 +228,14 @@ def linear_module_names(model) -> list[str]:
 
 
 def freeze_base(model) -> None:
+    """Everything but the head (`head_module_names`) stops learning."""
     base = getattr(model, getattr(model, "base_model_prefix", ""), None)
     if base is None or base is model:
         raise InputError(f"cannot tell the base of a {type(model).__name__} from its head; use training.mode full "
                          "or lora.")
-    for p in base.parameters():
-        p.requires_grad_(False)
+    head = tuple(f"{name}." for name in head_module_names(model))
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(head))
 
 
 def lora_target_modules(model, lora: LoRAConfig) -> list[str]:
@@ -253,7 +261,8 @@ def add_lora(model, lora: LoRAConfig, task: str):
     targets = lora_target_modules(model, lora)
     to_save = lora.modules_to_save if lora.modules_to_save is not None else (
         head_module_names(model) if task in NEW_HEAD_TASKS else None)
-    missing = [m for m in (to_save or []) if m not in {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}]
+    modules = {n for n, _ in model.named_modules()}
+    missing = [m for m in (to_save or []) if not any(n == m or n.endswith("." + m) for n in modules)]
     if missing:
         raise InputError(f"lora.modules_to_save {', '.join(missing)} not found in {model.config.model_type}; "
                          f"its head modules are: {', '.join(head_module_names(model)) or '(none)'}.")

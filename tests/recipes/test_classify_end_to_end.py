@@ -145,10 +145,11 @@ def test_head_mode_trains_the_new_head_and_leaves_the_body_bitwise_unchanged(hea
     run, metrics = head_run
     assert_learned(metrics, new_head_on_trained_body=True)
     p = metrics["parameters"]
-    assert p["mode"] == "head" and p["trainable"] == 64 * 2 + 2  # the classifier alone
+    assert p["mode"] == "head" and p["trainable"] == (64 * 64 + 64) + (64 * 2 + 2)  # pooler and classifier
     trained = load_file(str(run / "model" / "model.safetensors"))
     original = load_file(str(body / "model.safetensors"))
-    assert original and all(torch.equal(trained[f"bert.{k}"], v) for k, v in original.items())
+    body_weights = {k: v for k, v in original.items() if not k.startswith("pooler.")}
+    assert len(body_weights) > 20 and all(torch.equal(trained[f"bert.{k}"], v) for k, v in body_weights.items())
 
 
 def test_lora_learns_with_a_small_trainable_share_as_peft_reports(lora_run, world):
@@ -159,7 +160,8 @@ def test_lora_learns_with_a_small_trainable_share_as_peft_reports(lora_run, worl
     assert_learned(metrics)
     base = AutoModelForSequenceClassification.from_pretrained(str(world[0] / "base"), num_labels=2)
     reference = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=32, lora_dropout=0.01,
-                                                target_modules=["query", "value"], modules_to_save=["classifier"]))
+                                                target_modules=["query", "value"],
+                                                modules_to_save=["classifier", "bert.pooler"]))
     trainable, total = reference.get_nb_trainable_parameters()
     p = metrics["parameters"]
     assert (p["trainable"], p["total"]) == (trainable, total) and p["trainable_percent"] < 10
@@ -171,12 +173,13 @@ def test_lora_base_weights_are_bitwise_unchanged_outside_the_adapted_layers(lora
     run, _ = lora_run
     merged = load_file(str(run / "model" / "model.safetensors"))
     original = load_file(str(world[0] / "base" / "model.safetensors"))
-    adapted = [k for k in original if ".query." in k or ".value." in k]
+    adapted = [k for k in original if ".query." in k or ".value." in k or k.startswith("pooler.")]
     untouched = [k for k in original if k not in adapted]
     assert len(untouched) > 20 and all(torch.equal(merged[f"bert.{k}"], original[k]) for k in untouched)
-    # the adapted weights carry exactly the merged low-rank update (and bias is not adapted)
-    assert any(not torch.equal(merged[f"bert.{k}"], original[k]) for k in adapted if k.endswith("weight"))
-    assert all(torch.equal(merged[f"bert.{k}"], original[k]) for k in adapted if k.endswith("bias"))
+    # the adapted weights carry the merged low-rank update; LoRA leaves their biases alone
+    lora_layers = [k for k in adapted if not k.startswith("pooler.")]
+    assert any(not torch.equal(merged[f"bert.{k}"], original[k]) for k in lora_layers if k.endswith("weight"))
+    assert all(torch.equal(merged[f"bert.{k}"], original[k]) for k in lora_layers if k.endswith("bias"))
 
 
 def test_export_merge_gives_the_adapter_models_logits_and_loads_in_a_plain_pipeline(lora_run, world, tmp_path):

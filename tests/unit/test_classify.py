@@ -119,7 +119,7 @@ def tiny_classifier():
 
 def test_head_modules_and_linear_names(tiny_classifier):
     bert, distil = tiny_classifier
-    assert head_module_names(bert) == ["classifier"]
+    assert head_module_names(bert) == ["classifier", "bert.pooler"]
     assert head_module_names(distil) == ["pre_classifier", "classifier"]
     assert {"query", "key", "value", "dense", "classifier"} <= set(linear_module_names(bert))
     assert "q_lin" in linear_module_names(distil)
@@ -131,7 +131,7 @@ def test_head_mode_freezes_exactly_the_base(tiny_classifier):
     bert = copy.deepcopy(tiny_classifier[0])
     apply_training_mode(bert, "head", LoRAConfig(), "classify")
     trainable = {n for n, p in bert.named_parameters() if p.requires_grad}
-    assert trainable == {"classifier.weight", "classifier.bias"}
+    assert trainable == {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight", "bert.pooler.dense.bias"}
 
 
 def test_lora_defaults_and_unknown_targets(tiny_classifier):
