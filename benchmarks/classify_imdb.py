@@ -47,7 +47,9 @@ def main() -> None:
             "train_examples": metrics["data"]["train_examples"],
             "validation_examples": metrics["data"]["validation_examples"],
             "steps": metrics["steps"], "train_s": round(metrics["timings"]["train_s"], 1),
-            "wall_s": round(wall, 1), "peak_rss_mb": round(peak_mb, 1), "precision": metrics["precision"],
+            "wall_s": round(wall, 1), "peak_rss_mb": round(peak_mb, 1),
+            "train_peak_rss_mb": round(metrics["memory"]["train_peak_rss_mb"], 1),
+            "precision": metrics["precision"],
             "samples_after": [(s["text"], s["label"]) for s in after.get("samples", [])],
         }
         print(json.dumps(rows[mode]), flush=True)
@@ -56,6 +58,8 @@ def main() -> None:
         summary["lora_accuracy_goal_met"] = rows["lora"]["accuracy_after"] >= 0.85
     if {"lora", "full"} <= set(rows):
         summary["lora_less_memory_than_full"] = rows["lora"]["peak_rss_mb"] < rows["full"]["peak_rss_mb"]
+        summary["lora_less_training_memory_than_full"] = (
+            rows["lora"]["train_peak_rss_mb"] < rows["full"]["train_peak_rss_mb"])
     print(json.dumps(summary))
 
 

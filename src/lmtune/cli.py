@@ -88,9 +88,9 @@ def task_of(path: str) -> str:
     """The task of a run dir (its config.yaml) or of a model folder (its architecture)."""
     p = Path(path)
     if (p / "config.yaml").is_file():
-        import yaml
+        from lmtune.config import load_yaml
 
-        task = (yaml.safe_load((p / "config.yaml").read_text()) or {}).get("task")
+        task = (load_yaml((p / "config.yaml").read_text()) or {}).get("task")
         if task:
             return task
     model_config = Path(_model_dir(path)) / "config.json"
@@ -191,9 +191,9 @@ def predict_qa(args) -> int:
     settings = QAConfig()
     run_config = Path(args.run) / "config.yaml"
     if run_config.is_file():  # the windows the model was trained with
-        import yaml
+        from lmtune.config import load_yaml
 
-        settings = QAConfig(**(yaml.safe_load(run_config.read_text()) or {}).get("qa", {}))
+        settings = QAConfig(**(load_yaml(run_config.read_text()) or {}).get("qa", {}))
     model, tokenizer = qa.load_for_inference(_model_dir(args.run))
     for result in qa.answer_questions(model, tokenizer, _qa_pairs(args), settings):
         print(json.dumps(result, ensure_ascii=False))
@@ -204,7 +204,7 @@ def cmd_export(args) -> int:
     """A run's model as a plain Hugging Face folder; a LoRA run's adapter folded into its base (--merge)."""
     import shutil
 
-    import yaml
+    from lmtune.config import load_yaml
 
     from lmtune.config import validate_recipe
 
@@ -220,7 +220,7 @@ def cmd_export(args) -> int:
             raise InputError(f"'{run}' was trained with LoRA; pass --merge to fold its adapter into the base model.")
         from lmtune.modeling import merge_adapter
 
-        cfg = validate_recipe(yaml.safe_load((run / "config.yaml").read_text()), origin=f"'{run}/config.yaml'")
+        cfg = validate_recipe(load_yaml((run / "config.yaml").read_text()), origin=f"'{run}/config.yaml'")
         model, tokenizer = merge_adapter(run, cfg.model, cfg.task)
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
@@ -235,7 +235,7 @@ def cmd_export(args) -> int:
 
 def predict_sft(args) -> int:
     """Prompts rendered with the template the run was trained with (its config.yaml), then answered."""
-    import yaml
+    from lmtune.config import load_yaml
 
     from lmtune.config import validate_recipe
     from lmtune.tasks import sft
@@ -243,7 +243,7 @@ def predict_sft(args) -> int:
     run_config = Path(args.run) / "config.yaml"
     if not run_config.is_file():
         raise InputError(f"'{args.run}' has no config.yaml, so its prompt template is unknown; give a run dir.")
-    cfg = validate_recipe(yaml.safe_load(run_config.read_text()), origin=f"'{run_config}'")
+    cfg = validate_recipe(load_yaml(run_config.read_text()), origin=f"'{run_config}'")
     extra = dict(_key_value(item) for item in args.field)
     records = []
     for text in _prompts(args):
@@ -277,9 +277,9 @@ def predict_classify(args) -> int:
     settings = {}
     run_config = Path(args.run) / "config.yaml"
     if run_config.is_file():  # truncate as in training
-        import yaml
+        from lmtune.config import load_yaml
 
-        c = (yaml.safe_load(run_config.read_text()) or {}).get("classify", {})
+        c = (load_yaml(run_config.read_text()) or {}).get("classify", {})
         settings = {"max_length": c.get("max_length"), "truncation_side": c.get("truncation_side", "right")}
     model, tokenizer = classify.load_for_inference(_model_dir(args.run))
     for result in classify.classify_texts(model, tokenizer, texts, **settings):

@@ -259,6 +259,7 @@ class TrainingConfig(Section):
     seed: int = 42
     max_grad_norm: float = Field(1.0, ge=0)
     dataloader_num_workers: int = Field(0, ge=0)
+    group_by_length: bool = Field(False, description="Batch examples of similar length (less padding; QA, classify).")
     load_best_model_at_end: bool = Field(False, description="Keep the checkpoint with the best evaluation metric.")
     metric_for_best_model: str = Field("loss", description="An evaluation metric: loss, or the task's (accuracy, f1).")
 
@@ -338,6 +339,23 @@ class RecipeConfig(Section):
 # Loading and error reporting
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 also reads no/yes/on/off as booleans, which turns
+    `save_strategy: no` into False."""
+
+
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", __import__("re").compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'training.learning_rate=1e-4' -> (['training', 'learning_rate'], 0.0001); values are YAML."""
     if "=" not in text:
@@ -347,7 +365,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not parts:
         raise InputError(f"--set '{text}' has an empty key; write e.g. --set training.max_steps=100.")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return parts, value
@@ -420,7 +438,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeC
     if not path.is_file():
         raise InputError(f"recipe '{path}' does not exist; give the path of a YAML recipe (see recipes/).")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""

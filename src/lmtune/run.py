@@ -92,6 +92,28 @@ def publish(work: Path, run_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory (VmHWM), in MiB; None where /proc is absent."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak from the current size (Linux: `5` in /proc/self/clear_refs), so each phase of a
+    run reports its own peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
 def write_json(path: Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
@@ -135,6 +157,7 @@ def train(cfg: RecipeConfig, run_dir: Path, overwrite: bool = False, resume: boo
     params = {"mode": cfg.training.mode, **count_parameters(model)}
     log.info(describe_parameters(params))
     precision = resolve_precision(cfg.training.precision)
+    timings["prepare_peak_rss_mb"] = peak_rss_mb()
 
     work = open_work_dir(run_dir, overwrite, resume)
     with _RunLog(work / "train.log"):
@@ -197,8 +220,10 @@ def _train_in(work: Path, cfg: RecipeConfig, task, prepared, model, precision, r
     if resume:
         log.info("resuming from %s", checkpoint if checkpoint else "the start (no complete checkpoint found)")
     t = time.time()
+    reset_peak_rss()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     timings["train_s"] = time.time() - t
+    timings["train_peak_rss_mb"] = peak_rss_mb()
     model = trainer.model
 
     t = time.time()
@@ -219,6 +244,7 @@ def _train_in(work: Path, cfg: RecipeConfig, task, prepared, model, precision, r
         "train": dict(result.metrics),
         "steps": trainer.state.global_step,
         "samples": samples,
+        "memory": {k: timings.pop(k) for k in list(timings) if k.endswith("_rss_mb")},
         "timings": timings,
     }
     write_json(work / "metrics.json", metrics)

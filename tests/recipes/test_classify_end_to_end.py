@@ -134,6 +134,7 @@ def test_full_fine_tuning_learns_and_keeps_the_best_checkpoint(full_run):
     run, metrics = full_run
     assert_learned(metrics)
     assert metrics["parameters"]["mode"] == "full" and metrics["parameters"]["trainable_percent"] == 100
+    assert metrics["memory"]["train_peak_rss_mb"] > 50 and metrics["memory"]["prepare_peak_rss_mb"] > 50
     state = json.loads(next((run / "checkpoints").glob("checkpoint-*/trainer_state.json")).read_text())
     assert state["best_model_checkpoint"] and state["best_metric"] >= 0.95
     config = json.loads((run / "model" / "config.json").read_text())

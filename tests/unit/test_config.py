@@ -116,3 +116,12 @@ def test_schema_rejects_pretrained_model_with_tokenizer_training():
     with pytest.raises(InputError, match="tokenizer.train needs model.from_scratch"):
         validate_recipe({**MINIMAL, "model": {"name_or_path": "gpt2"}})
     assert isinstance(RecipeConfig.model_json_schema(), dict)
+
+
+def test_yaml_reads_only_true_and_false_as_booleans(tmp_path):
+    # YAML 1.1 would read `no` as False and break `save_strategy: no`.
+    path = tmp_path / "r.yaml"
+    path.write_text("task: clm\nname: r\nmodel: {name_or_path: gpt2}\ndata: {train: {path: x.txt}}\n"
+                    "training: {save_strategy: no, eval_strategy: no}\ntokenizer: {train: false}\n")
+    cfg = load_recipe(path, ["training.save_strategy=no"])
+    assert (cfg.training.save_strategy, cfg.training.eval_strategy, cfg.tokenizer.train) == ("no", "no", False)

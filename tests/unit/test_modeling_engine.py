@@ -65,3 +65,17 @@ def test_precision_resolution():
     assert resolve_precision("auto") in {"bf16", "fp32", "fp16"}
     if not torch.cuda.is_available():
         assert resolve_precision("fp16") == "fp32"
+
+
+def test_training_options_reach_the_trainer_arguments(tmp_path):
+    from lmtune.config import TrainingConfig
+
+    cfg = TrainingConfig(group_by_length=True, eval_strategy="epoch", save_strategy="epoch",
+                         load_best_model_at_end=True, metric_for_best_model="accuracy")
+    args = training_arguments(cfg, tmp_path, "fp32", has_eval=True)
+    assert args.train_sampling_strategy == "group_by_length"
+    assert args.load_best_model_at_end and args.metric_for_best_model == "accuracy" and args.greater_is_better
+    loss = training_arguments(TrainingConfig(eval_strategy="steps", eval_steps=5, save_strategy="steps",
+                                             load_best_model_at_end=True), tmp_path, "fp32", has_eval=True)
+    assert loss.metric_for_best_model == "loss" and loss.greater_is_better is False
+    assert training_arguments(TrainingConfig(), tmp_path, "fp32", has_eval=False).train_sampling_strategy == "random"

@@ -68,6 +68,7 @@ def training_arguments(cfg: TrainingConfig, output_dir: Path, precision: str, ha
         seed=cfg.seed,
         max_grad_norm=cfg.max_grad_norm,
         dataloader_num_workers=cfg.dataloader_num_workers,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         report_to="none",
         disable_tqdm=not sys.stderr.isatty(),
         remove_unused_columns=False,
