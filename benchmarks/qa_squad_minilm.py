@@ -5,7 +5,7 @@ recipes/qa-squad-minilm-local.yaml on the SQuAD v1.1 dev set, split by article (
 articles' paragraphs are never trained on); exact match and F1 (the official script's definitions)
 before and after, wall time and peak memory of the run. Goal: F1 >= 50 within 20 minutes on a 2-core CPU.
 
-    python benchmarks/qa_squad_minilm.py --data ../shared/data [--train-examples 3000] [--eval-examples 1000]
+    python benchmarks/qa_squad_minilm.py --data ../shared/data [--train-examples 6500] [--eval-examples 1000]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="the shared data folder")
-    ap.add_argument("--train-examples", type=int, default=3000, help="a seeded subset of the training questions")
+    ap.add_argument("--train-examples", type=int, default=6500, help="a seeded subset of the training questions")
     ap.add_argument("--eval-examples", type=int, default=1000, help="a seeded subset of the held-out questions")
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--set", action="append", default=[], help="more recipe overrides (key=value)")
