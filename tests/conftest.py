@@ -42,6 +42,17 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+def assert_one_sentence(code, err, *fragments) -> str:
+    """Exit code 2, no traceback, exactly one `lmtune: error:` line holding every fragment; returns it."""
+    assert code == 2, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("lmtune: error:")]
+    assert len(errors) == 1, err
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
 def with_changes(recipe: dict, changes: dict) -> dict:
     """The recipe with dotted keys set: {"training.max_steps": 1} -> recipe["training"]["max_steps"] = 1."""
     for key, value in changes.items():

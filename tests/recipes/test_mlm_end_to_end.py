@@ -13,7 +13,7 @@ import yaml
 
 from lmtune.cli import main
 
-from ..conftest import with_changes
+from ..conftest import assert_one_sentence, with_changes
 
 # Four topics, each a cycle of six words; a document walks one topic's cycle from a random start. A
 # masked word is predictable from its context (the topic, then the neighbours), while a model that
@@ -209,16 +209,10 @@ def run_bad(tmp_path, capsys, recipe, *fragments, extra=()):
     out = tmp_path / "runs" / "bad"
     capsys.readouterr()
     code = main(["train", str(path), "--output", str(out), *extra])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("lmtune: error:")]
-    assert len(errors) == 1, err
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
+    line = assert_one_sentence(code, capsys.readouterr().err, *fragments)
     assert not out.exists() and not (out.parent / ".bad.partial").exists()
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
-    return errors[0]
+    return line
 
 
 def pretrained(data, model, **changes):

@@ -9,7 +9,7 @@ import yaml
 
 from lmtune.cli import main
 
-from ..conftest import make_documents
+from ..conftest import assert_one_sentence, make_documents
 
 
 def base_recipe(data_path: str, **training) -> dict:
@@ -36,13 +36,6 @@ def run_cli(capsys, argv):
     return code, err
 
 
-def assert_one_sentence(code, err, *fragments):
-    assert code == 2, err
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("lmtune: error:")]
-    assert len(errors) == 1, err
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
 
 
 CASES = {

@@ -166,14 +166,16 @@ def _load_gz_json(path: Path):
 def dev_gold() -> dict[str, list[str]]:
     path = SQUAD_DIR / "dev-v1.1.json.gz"
     if not path.is_file():
-        pytest.skip(f"SQuAD v1.1 dev set not found: {path}")
+        pytest.skip(f"SQuAD v1.1 dev set not found at {path}: the official-figure checks need the shared data "
+                    "folder beside the repository (../shared/data, see its README)")
     return squad_gold_answers(_load_gz_json(path))
 
 
 def _load_predictions(name: str) -> dict[str, str]:
     path = SQUAD_DIR / name
     if not path.is_file():
-        pytest.skip(f"SQuAD prediction file not found: {path}")
+        pytest.skip(f"SQuAD prediction file not found at {path}: the official-figure checks need the shared data "
+                    "folder beside the repository (../shared/data, see its README)")
     return _load_gz_json(path)
 
 
