@@ -53,6 +53,18 @@ def assert_one_sentence(code, err, *fragments) -> str:
     return errors[0]
 
 
+def save_tiny_gpt2(folder, tokenizer, n_positions: int = 128) -> None:
+    """A tiny 'pretrained' GPT-2 (random weights, seeded) with `tokenizer` in `folder`; EOS doubles as BOS."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=2, n_positions=n_positions,
+                               bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+                    ).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+
+
 def with_changes(recipe: dict, changes: dict) -> dict:
     """The recipe with dotted keys set: {"training.max_steps": 1} -> recipe["training"]["max_steps"] = 1."""
     for key, value in changes.items():

@@ -45,9 +45,13 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_train(args) -> int:
-    from lmtune.config import load_recipe
-    from lmtune.run import train
+    from lmtune.config import is_chain, load_recipe, read_recipe_yaml
+    from lmtune.run import train, train_chain
 
+    if is_chain(read_recipe_yaml(args.recipe)):
+        done = train_chain(args.recipe, args.set, args.output, overwrite=args.overwrite, resume=args.resume)
+        print(json.dumps({"chain": {d.name: str(d) for d in done}}))
+        return 0
     cfg = load_recipe(args.recipe, args.set)
     run_dir = Path(args.output) if args.output else Path(cfg.output.dir) / cfg.name
     done = train(cfg, run_dir, overwrite=args.overwrite, resume=args.resume)
@@ -131,6 +135,10 @@ def cmd_predict(args) -> int:
         return predict_classify(args)
     if task == "sft":
         return predict_sft(args)
+    if task == "reward":
+        return predict_reward(args)
+    if task in ("dpo", "rl"):
+        return predict_policy(args)
 
     prompts = _prompts(args)
     model, tokenizer = clm.load_for_inference(_model_dir(args.run))
@@ -263,6 +271,55 @@ def predict_sft(args) -> int:
     return 0
 
 
+def _run_config(run: str, what: str):
+    from lmtune.config import load_yaml, validate_recipe
+
+    run_config = Path(run) / "config.yaml"
+    if not run_config.is_file():
+        raise InputError(f"'{run}' has no config.yaml, so its {what} is unknown; give a run dir.")
+    return validate_recipe(load_yaml(run_config.read_text()), origin=f"'{run_config}'")
+
+
+def predict_reward(args) -> int:
+    """Each text's reward, encoded as in training; with --pair, the two texts compared (Bradley-Terry:
+    the probability that a rater prefers the first is sigmoid(r1 - r2))."""
+    import math
+
+    from lmtune.tasks import preference
+
+    texts = _prompts(args)
+    if args.pair and len(texts) != 2:
+        raise InputError(f"--pair compares exactly two texts; {len(texts)} were given.")
+    cfg = _run_config(args.run, "reward model's text length")
+    model, tokenizer = preference.load_for_inference(_model_dir(args.run), "reward")
+    scorer = preference.RewardScorer(model, tokenizer, cfg.preference.max_length)
+    rewards = scorer.score([(args.prompt or "") + t for t in texts])
+    if args.pair:
+        margin = float(rewards[0] - rewards[1])
+        print(json.dumps({"first": texts[0], "second": texts[1], "rewards": [float(r) for r in rewards],
+                          "first_preferred_probability": 1 / (1 + math.exp(-margin))}, ensure_ascii=False))
+        return 0
+    for text, reward in zip(texts, rewards):
+        print(json.dumps({"text": text, "reward": float(reward)}, ensure_ascii=False))
+    return 0
+
+
+def predict_policy(args) -> int:
+    """dpo / rl runs: prompts rendered with the run's prompt template, then answered (greedy, to EOS)."""
+    from lmtune.tasks import preference, sft
+
+    cfg = _run_config(args.run, "prompt template")
+    template = preference.prompt_template(cfg)
+    first = preference.template_fields(template)[:1]
+    extra = dict(_key_value(item) for item in args.field)
+    records = [{**dict.fromkeys(first, text), **extra} for text in _prompts(args)]
+    prompts = [preference.render_prompt(r, template, f"prompt {i + 1}", "predict") for i, r in enumerate(records)]
+    model, tokenizer = preference.load_for_inference(_model_dir(args.run), cfg.task)
+    for result in sft.answer(model, tokenizer, prompts, args.max_new_tokens):
+        print(json.dumps(result, ensure_ascii=False))
+    return 0
+
+
 def _key_value(item: str) -> tuple[str, str]:
     if "=" not in item:
         raise InputError(f"--field '{item}' is not of the form name=value.")
@@ -370,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--repetition-penalty", type=float, default=1.0)
     pr.add_argument("--no-repeat-ngram-size", type=int, default=0)
     pr.add_argument("--greedy", action="store_true")
+    pr.add_argument("--prompt", help="reward model: text put before each scored text")
+    pr.add_argument("--pair", action="store_true", help="reward model: compare the two texts given")
     pr.add_argument("--seed", type=int, default=0)
     pr.set_defaults(func=cmd_predict)
 

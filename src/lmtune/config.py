@@ -7,6 +7,7 @@ with the closest valid name; every problem is reported in one message.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -204,14 +205,18 @@ class ClassifyConfig(Section):
 class SFTConfig(Section):
     """Instruction tuning (task sft): records rendered as prompt + response, loss on the response."""
 
-    format: Literal["template", "alpaca", "chat"] = Field(
+    format: Literal["template", "alpaca", "chat", "transcript"] = Field(
         "template", description="template: `template` with named fields; alpaca: instruction/input/output; "
-        "chat: a list of {role, content} messages rendered by the tokenizer's chat template.")
+        "chat: a list of {role, content} messages rendered by the tokenizer's chat template; transcript: one "
+        "dialogue text whose last `response_marker` starts the response (HH-RLHF's chosen replies).")
     template: str = Field(
         "Please answer the following question.\nQ: {question}\nA: {answer}",
         description="Python format string over the record's fields; the response field comes last.")
     response_field: str = Field("answer", description="The field the model learns to write (template format).")
     messages_field: str = Field("messages", description="chat format: the record's list of messages.")
+    transcript_field: str = Field("chosen", description="transcript format: the record's dialogue text.")
+    response_marker: str = Field("\n\nAssistant:", min_length=1,
+                                 description="transcript format: the response follows this marker's last occurrence.")
     completion_only_loss: bool = Field(True, description="Loss on the response tokens only (prompt labels -100).")
     add_eos: bool = Field(True, description="End each response with EOS, so the tuned model learns to stop.")
     max_length: int = Field(512, ge=8, description="Longer examples are cut (from the end) to this many tokens.")
@@ -220,6 +225,39 @@ class SFTConfig(Section):
     max_validation_examples: int | None = Field(None, gt=0)
     samples: list[dict[str, str]] = Field(
         default_factory=list, description="Records without the response, answered before and after training.")
+
+
+class PreferenceConfig(Section):
+    """Pairwise preferences (tasks reward and dpo) and the prompts of task rl."""
+
+    prompt_field: str = Field("prompt", description="Explicit prompts; without the field the prompt is the text "
+                              "chosen and rejected share (HH-RLHF's whole dialogues).")
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    prompt_template: str | None = Field(
+        None, description="Python format string over the record's fields that renders the prompt; default "
+        "'{prompt}', or the prompt part of the SFT template when the policy is an lmtune SFT run.")
+    max_length: int = Field(512, ge=8, description="Tokens per prompt + reply; longer texts lose their start.")
+    max_prompt_length: int = Field(256, ge=1, description="dpo and rl: prompts keep their last this many tokens.")
+    beta: float = Field(0.1, gt=0, description="dpo: strength of the pull towards the reference model.")
+    max_train_examples: int | None = Field(None, gt=0)
+    max_validation_examples: int | None = Field(None, gt=0)
+    samples: list[dict[str, str]] = Field(
+        default_factory=list, description="reward: pairs scored before and after; dpo/rl: prompt records answered.")
+
+
+class RLConfig(Section):
+    """Online policy optimisation against a reward model (task rl), TRL's RLOO or GRPO."""
+
+    reward_model: str | None = Field(None, description="A reward run dir (task reward) or a model folder.")
+    algorithm: Literal["rloo", "grpo"] = Field(
+        "rloo", description="rloo: REINFORCE with a leave-one-out baseline; grpo: group-normalised advantages with "
+        "PPO's clipped ratio. Neither needs PPO's value model.")
+    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (the baseline's group).")
+    max_completion_length: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    beta: float = Field(0.05, ge=0, description="KL penalty towards the starting policy (0: no reference model).")
+    eval_generations: int = Field(2, ge=1, description="Completions sampled per held-out prompt for mean reward.")
 
 
 class LoRAConfig(Section):
@@ -260,6 +298,8 @@ class TrainingConfig(Section):
     max_grad_norm: float = Field(1.0, ge=0)
     dataloader_num_workers: int = Field(0, ge=0)
     group_by_length: bool = Field(False, description="Batch examples of similar length (less padding; QA, classify).")
+    activation_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass (gradient checkpointing): far less memory, more compute.")
     load_best_model_at_end: bool = Field(False, description="Keep the checkpoint with the best evaluation metric.")
     metric_for_best_model: str = Field("loss", description="An evaluation metric: loss, or the task's (accuracy, f1).")
 
@@ -289,7 +329,7 @@ class OutputConfig(Section):
 
 
 class RecipeConfig(Section):
-    task: Literal["clm", "mlm", "qa", "classify", "sft"] = "clm"
+    task: Literal["clm", "mlm", "qa", "classify", "sft", "reward", "dpo", "rl"] = "clm"
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     description: str = ""
     model: ModelConfig
@@ -300,6 +340,8 @@ class RecipeConfig(Section):
     qa: QAConfig = Field(default_factory=QAConfig)
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
@@ -312,12 +354,21 @@ class RecipeConfig(Section):
         if self.model.from_scratch is not None and not self.tokenizer.train and self.model.tokenizer is None:
             raise ValueError("a model from scratch needs a tokenizer: set tokenizer.train: true or model.tokenizer")
         fs = self.model.from_scratch
-        allowed = CAUSAL_ARCHITECTURES if self.task in ("clm", "sft") else MASKED_ARCHITECTURES
+        if self.task in ("reward", "dpo", "rl") and fs is not None:
+            raise ValueError(f"task {self.task} tunes a pretrained model (an SFT run, for instance); set "
+                             "model.name_or_path")
+        allowed = CAUSAL_ARCHITECTURES if self.task in ("clm", "sft", "dpo", "rl") else MASKED_ARCHITECTURES
         if fs is not None and fs.architecture not in allowed:
             raise ValueError(
                 f"task {self.task} needs model.from_scratch.architecture in {', '.join(allowed)}, not {fs.architecture}"
             )
-        if self.training.mode == "head" and self.task in ("clm", "mlm", "sft"):
+        if self.task == "rl" and self.rl.reward_model is None:
+            raise ValueError("task rl needs rl.reward_model: a reward run dir or a reward model folder")
+        if self.task == "rl" and (self.training.batch_size * self.training.gradient_accumulation_steps
+                                  ) % self.rl.num_generations:
+            raise ValueError(f"task rl: training.batch_size x gradient_accumulation_steps must be a multiple of "
+                             f"rl.num_generations ({self.rl.num_generations}), whole groups of completions per step")
+        if self.training.mode == "head" and self.task in ("clm", "mlm", "sft", "dpo", "rl"):
             raise ValueError(f"training.mode head trains a new task head; task {self.task} keeps the pretrained LM head "
                              "(use full or lora)")
         if self.training.mode != "full" and self.model.from_scratch is not None:
@@ -349,7 +400,7 @@ _RecipeLoader.yaml_implicit_resolvers = {
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", __import__("re").compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 def load_yaml(text: str):
@@ -433,7 +484,7 @@ def validate_recipe(raw: Any, origin: str = "recipe") -> RecipeConfig:
         raise InputError(f"{origin} is invalid: " + "; ".join(problems) + ".") from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
+def read_recipe_yaml(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise InputError(f"recipe '{path}' does not exist; give the path of a YAML recipe (see recipes/).")
@@ -445,6 +496,84 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeC
         raise InputError(f"recipe '{path}' is not valid YAML{line}; fix the syntax there.") from None
     if raw is None:
         raise InputError(f"recipe '{path}' is empty; see recipes/ for examples.")
+    return raw
+
+
+def is_chain(raw: Any) -> bool:
+    return isinstance(raw, dict) and "steps" in raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
+    raw = read_recipe_yaml(path)
+    if is_chain(raw):
+        raise InputError(f"recipe '{path}' is a chain of steps; run it with lmtune train (not this command).")
     if isinstance(raw, dict) and overrides:
         raw = apply_overrides(raw, overrides)
     return validate_recipe(raw, origin=f"recipe '{path}'")
+
+
+# --------------------------------------------------------------------------------------------------
+# Chains: recipes run one after another, a step naming an earlier step's run dir as ${name}
+
+
+class ChainStep(BaseModel):
+    name: str
+    config: RecipeConfig
+    run_dir: Path
+
+
+_STEP_REFERENCE = re.compile(r"\$\{([A-Za-z0-9._-]+)\}")
+
+
+def _substitute(node: Any, run_dirs: dict[str, Path], step: str, origin: str) -> Any:
+    if isinstance(node, dict):
+        return {k: _substitute(v, run_dirs, step, origin) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_substitute(v, run_dirs, step, origin) for v in node]
+    if not isinstance(node, str):
+        return node
+
+    def run_dir_of(match) -> str:
+        name = match.group(1)
+        if name not in run_dirs:
+            raise InputError(f"{origin}: step '{step}' names ${{{name}}}, which is not an earlier step; "
+                             f"earlier steps: {', '.join(run_dirs) or '(none)'}.")
+        return str(run_dirs[name])
+
+    return _STEP_REFERENCE.sub(run_dir_of, node)
+
+
+def load_chain(path: str | Path, overrides: list[str] | None = None, output: str | Path | None = None
+               ) -> list[ChainStep]:
+    """A chain recipe: `name`, `output.dir` (default runs/<name>) and `steps`, each a whole recipe whose
+    strings may name an earlier step's run dir as ${step_name}. Overrides are `step.key=value`. Every
+    step is validated before the first one runs."""
+    raw = read_recipe_yaml(path)
+    origin = f"recipe '{path}'"
+    if not is_chain(raw) or not isinstance(raw["steps"], list) or not raw["steps"]:
+        raise InputError(f"{origin}: a chain needs 'steps', a list of recipes.")
+    unknown = set(raw) - {"name", "description", "output", "steps"}
+    if unknown:
+        raise InputError(f"{origin}: unknown chain keys {', '.join(sorted(unknown))}; a chain has name, "
+                         "description, output and steps.")
+    name = str(raw.get("name") or Path(path).stem)
+    parent = Path(output) if output else Path((raw.get("output") or {}).get("dir") or Path("runs") / name)
+    steps_raw = raw["steps"]
+    names = [s.get("name") if isinstance(s, dict) else None for s in steps_raw]
+    if None in names or len(set(names)) != len(names):
+        raise InputError(f"{origin}: every step needs a name of its own; got {names}.")
+    by_step: dict[str, list[str]] = {n: [] for n in names}
+    for text in overrides or []:
+        step, _, rest = text.partition(".")
+        if step not in by_step or not rest:
+            raise InputError(f"--set '{text}': a chain's overrides start with a step name ({', '.join(names)}), "
+                             "e.g. --set sft.training.max_steps=10.")
+        by_step[step].append(rest)
+    run_dirs: dict[str, Path] = {}
+    steps = []
+    for step_name, step_raw in zip(names, steps_raw):
+        step_raw = apply_overrides(_substitute(step_raw, run_dirs, step_name, origin), by_step[step_name])
+        config = validate_recipe(step_raw, origin=f"{origin}, step '{step_name}'")
+        run_dirs[step_name] = parent / step_name
+        steps.append(ChainStep(name=step_name, config=config, run_dir=parent / step_name))
+    return steps

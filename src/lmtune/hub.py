@@ -95,10 +95,19 @@ def resolve_package_model(name: str, field: str = "model.name_or_path") -> str:
     return str(folder)
 
 
+def run_model_folder(name: str) -> str:
+    """An lmtune run dir stands for the model it saved (its model/ folder): chained steps name the
+    previous step's run dir. Anything else passes through unchanged."""
+    run = Path(name).expanduser()
+    if (run / "config.yaml").is_file() and (run / "model" / "config.json").is_file():
+        return str(run / "model")
+    return name
+
+
 def from_pretrained_or_explain(loader: Callable[..., Any], name: str, what: str, field: str = "model.name_or_path",
                                **kwargs: Any) -> Any:
     """Call a `from_pretrained`-style loader; turn "not found / offline" into one clear InputError."""
-    name = resolve_package_model(name, field)
+    name = str(run_model_folder(resolve_package_model(name, field)))
     if Path(name).expanduser().exists():
         try:
             return loader(str(Path(name).expanduser()), **kwargs)

@@ -125,6 +125,8 @@ HEADS = {
     "classify": ("AutoModelForSequenceClassification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
                  "sequence-classification", "an encoder such as distilbert or bert, or a decoder such as gpt2"),
 }
+HEADS["reward"] = HEADS["classify"]  # a reward model is a one-output sequence classifier
+HEADS["dpo"] = HEADS["rl"] = HEADS["sft"]
 
 
 def check_pretrained_head(model_cfg: ModelConfig, task: str) -> None:
@@ -163,7 +165,11 @@ def load_pretrained(model_cfg: ModelConfig, task: str = "clm", **head_config):
 
 def build_or_load(model_cfg: ModelConfig, tokenizer, length: int, seed: int, task: str, **head_config):
     """The task's model: new from `model_cfg.from_scratch` sized to the tokenizer and `length`, or
-    pretrained, its embeddings grown when the tokenizer has more tokens (added pad token)."""
+    pretrained, its embeddings grown when the tokenizer has more tokens (added pad token). Seeded
+    either way: a new task head (and LoRA adapters added next) start the same in every run."""
+    from transformers import set_seed
+
+    set_seed(seed)
     if model_cfg.from_scratch is not None:
         return build_from_scratch(model_cfg.from_scratch, tokenizer, length, seed, task, **head_config)
     model = load_pretrained(model_cfg, task, **head_config)
@@ -193,8 +199,9 @@ def grow_embeddings(model, vocab_size: int) -> None:
 # The LoRA article adapts DistilBERT's q_lin; peft's own table covers many more architectures.
 LORA_TARGETS = {"distilbert": ["q_lin"], "bert": ["query", "value"], "roberta": ["query", "value"],
                 "gpt2": ["c_attn"]}
-PEFT_TASK_TYPES = {"clm": "CAUSAL_LM", "sft": "CAUSAL_LM", "classify": "SEQ_CLS", "qa": "QUESTION_ANS", "mlm": None}
-NEW_HEAD_TASKS = ("classify", "qa")
+PEFT_TASK_TYPES = {"clm": "CAUSAL_LM", "sft": "CAUSAL_LM", "dpo": "CAUSAL_LM", "rl": "CAUSAL_LM",
+                   "classify": "SEQ_CLS", "reward": "SEQ_CLS", "qa": "QUESTION_ANS", "mlm": None}
+NEW_HEAD_TASKS = ("classify", "reward", "qa")
 
 
 def is_peft_model(model) -> bool:
@@ -292,7 +299,7 @@ def merge_adapter(run_dir, model_cfg: ModelConfig, task: str):
 
     trained = AutoConfig.from_pretrained(str(run_dir / "model"))
     head_config = {}
-    if task == "classify":
+    if task in ("classify", "reward"):
         head_config = {k: getattr(trained, k) for k in ("num_labels", "id2label", "label2id", "problem_type")}
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "adapter"))
     base = load_pretrained(model_cfg, task, **head_config)

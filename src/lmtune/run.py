@@ -153,7 +153,11 @@ def train(cfg: RecipeConfig, run_dir: Path, overwrite: bool = False, resume: boo
     # Everything that can reject the user's input runs before anything is written.
     prepared = task.prepare(cfg)
     timings["prepare_s"] = time.time() - t0
-    model = apply_training_mode(task.build_model(cfg, prepared.tokenizer, prepared), cfg.training.mode, cfg.lora, cfg.task)
+    model = task.build_model(cfg, prepared.tokenizer, prepared)
+    if cfg.training.activation_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
+        raise InputError(f"training.activation_checkpointing: {type(model).__name__} does not support it; "
+                         "set it to false.")
+    model = apply_training_mode(model, cfg.training.mode, cfg.lora, cfg.task)
     params = {"mode": cfg.training.mode, **count_parameters(model)}
     log.info(describe_parameters(params))
     precision = resolve_precision(cfg.training.precision)
@@ -169,6 +173,28 @@ def train(cfg: RecipeConfig, run_dir: Path, overwrite: bool = False, resume: boo
             raise
     publish(work, run_dir)
     return run_dir
+
+
+def train_chain(recipe: str | Path, overrides: list[str] | None = None, output: str | Path | None = None,
+                overwrite: bool = False, resume: bool = False) -> list[Path]:
+    """The steps of a chain recipe in order. A step whose run dir is already finished is kept (so a chain
+    stopped midway is continued by running it again), unless overwrite; --resume continues the step that
+    was interrupted from its last checkpoint."""
+    from lmtune.config import load_chain
+
+    steps = load_chain(recipe, overrides, output)
+    done = []
+    for i, step in enumerate(steps, 1):
+        finished = (step.run_dir / "metrics.json").is_file()
+        if finished and not overwrite:
+            log.info("chain step %d/%d '%s': finished earlier in %s; kept", i, len(steps), step.name, step.run_dir)
+        else:
+            log.info("chain step %d/%d '%s' (task %s) -> %s", i, len(steps), step.name, step.config.task,
+                     step.run_dir)
+            partial = partial_dir(step.run_dir).exists()
+            train(step.config, step.run_dir, overwrite=overwrite, resume=resume and partial)
+        done.append(step.run_dir)
+    return done
 
 
 def save_model(model, tokenizer, work: Path):
@@ -203,15 +229,17 @@ def _train_in(work: Path, cfg: RecipeConfig, task, prepared, model, precision, r
     log.info("before training: %s", task.headline(before))
 
     args = training_arguments(cfg.training, work / "checkpoints", precision,
-                              has_eval=prepared.eval_dataset is not None)
-    trainer = LmtuneTrainer(
+                              has_eval=prepared.eval_dataset is not None,
+                              **({"args_class": prepared.args_class} if prepared.args_class else {}),
+                              **prepared.args_extra)
+    optional = {"eval_dataset": prepared.eval_dataset, "data_collator": prepared.collator}
+    trainer = (prepared.trainer_class or LmtuneTrainer)(
         model=model,
         args=args,
         train_dataset=prepared.train,
-        eval_dataset=prepared.eval_dataset,
-        data_collator=prepared.collator,
         processing_class=prepared.tokenizer,
         callbacks=[JsonlLogCallback(work / "log.jsonl")] + ([PlainProgressCallback()] if args.disable_tqdm else []),
+        **{k: v for k, v in optional.items() if v is not None},
         **prepared.trainer_kwargs,
     )
     if args.disable_tqdm:

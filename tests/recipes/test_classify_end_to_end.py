@@ -183,6 +183,28 @@ def test_lora_base_weights_are_bitwise_unchanged_outside_the_adapted_layers(lora
     assert all(torch.equal(merged[f"bert.{k}"], original[k]) for k in lora_layers if k.endswith("bias"))
 
 
+def test_activation_checkpointing_trains_the_same_adapter(world, tmp_path):
+    """Recomputing activations in the backward pass (dropout masks replayed) must not change the update: the
+    adapters inside checkpointed layers get their gradients although the frozen embeddings' output needs none."""
+    from transformers import AutoModelForSequenceClassification
+
+    runs = {}
+    for checkpointing in (True, False):
+        name = f"lora-checkpointing-{checkpointing}".lower()
+        run = tmp_path / name
+        cfg = recipe(world, world[0] / "base", "lora", name,
+                     **{"training.max_steps": 8, "training.activation_checkpointing": checkpointing})
+        assert main(["train", str(cfg), "--output", str(run)]) == 0
+        runs[checkpointing] = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    base = AutoModelForSequenceClassification.from_pretrained(str(world[0] / "base"), num_labels=2)
+    assert base.supports_gradient_checkpointing
+    lora_b = [k for k in runs[True] if "lora_B" in k]
+    assert lora_b and all(runs[True][k].abs().max() > 0 for k in lora_b)  # B starts at zero: it was trained
+    assert runs[True].keys() == runs[False].keys()
+    for k in runs[True]:
+        torch.testing.assert_close(runs[True][k], runs[False][k], rtol=1e-4, atol=1e-5)
+
+
 def test_export_merge_gives_the_adapter_models_logits_and_loads_in_a_plain_pipeline(lora_run, world, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline

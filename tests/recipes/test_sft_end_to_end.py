@@ -13,9 +13,18 @@ import yaml
 from lmtune.cli import main
 from lmtune.config import validate_recipe
 from lmtune.errors import InputError
-from lmtune.tasks.sft import IGNORE, Pair, pack_features, render_alpaca, render_chat, render_template, tokenize_pairs
+from lmtune.tasks.sft import (
+    IGNORE,
+    Pair,
+    pack_features,
+    render_alpaca,
+    render_chat,
+    render_template,
+    render_transcript,
+    tokenize_pairs,
+)
 
-from ..conftest import with_changes
+from ..conftest import save_tiny_gpt2, with_changes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -36,8 +45,6 @@ def colour_rows(n: int, seed: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Data and a tiny 'pretrained' GPT-2 (random weights, byte-level BPE trained on the texts)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from lmtune.tokenizer import train_bpe_tokenizer
 
     tmp = tmp_path_factory.mktemp("sft-e2e")
@@ -45,11 +52,7 @@ def world(tmp_path_factory):
     (tmp / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     texts = [ARTICLE_TEMPLATE.format(**r) for r in rows]
     tokenizer = train_bpe_tokenizer(texts, vocab_size=300, min_frequency=1, model_max_length=128)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=2, n_positions=128,
-                               bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-                    ).save_pretrained(str(tmp / "base"))
-    tokenizer.save_pretrained(str(tmp / "base"))
+    save_tiny_gpt2(tmp / "base", tokenizer)
     return tmp, tokenizer
 
 
@@ -68,6 +71,18 @@ def test_the_template_is_applied_as_written():
         render_template({"q": "x", "a": "y"}, sft_cfg().sft, "line 3", "data.train")
     with pytest.raises(InputError, match="must be the last field"):
         render_template({"a": "1", "b": "2"}, sft_cfg(template="{answer} {b}").sft, "l", "w")
+
+
+def test_transcripts_split_at_the_last_reply_marker():
+    cfg = sft_cfg(format="transcript").sft
+    dialogue = "\n\nHuman: hi\n\nAssistant: Hello.\n\nHuman: and?\n\nAssistant: Bye now."
+    assert render_transcript({"chosen": dialogue}, cfg, "l", "w") == Pair(
+        "\n\nHuman: hi\n\nAssistant: Hello.\n\nHuman: and?\n\nAssistant:", " Bye now.")
+    # without the response (samples, predict) the dialogue so far gets the marker the model answers after
+    assert render_transcript({"chosen": "\n\nHuman: hi"}, cfg, "l", "w", with_response=False).prompt == (
+        "\n\nHuman: hi\n\nAssistant:")
+    with pytest.raises(InputError, match="line 2 has no '\\\\n\\\\nAssistant:' before a reply"):
+        render_transcript({"chosen": "just text"}, cfg, "line 2", "data.train")
 
 
 def test_alpaca_and_chat_rendering(world):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from lmtune.config import load_recipe
+from lmtune.config import is_chain, load_chain, load_recipe, read_recipe_yaml
 
 from ..conftest import REPO
 
@@ -22,11 +22,16 @@ def test_recipes_exist():
     assert {"codeparrot-local.yaml", "clm-finetune-stdlib-local.yaml", "mlm-bert-scratch-local.yaml",
             "mlm-imdb-minilm-local.yaml", "qa-squad-minilm-local.yaml", "classify-imdb-minilm-full-local.yaml",
             "classify-imdb-minilm-head-local.yaml", "classify-imdb-minilm-lora-local.yaml", "sft-gsm8k-local.yaml",
-            *HUB_RECIPES} <= names
+            "instructgpt-hh-local.yaml", "dpo-hh-local.yaml", *HUB_RECIPES} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_validates(path):
+    if is_chain(read_recipe_yaml(path)):  # every step validates; step names are their run dirs' names
+        steps = load_chain(path)
+        assert [s.config.name for s in steps] == [s.name for s in steps]
+        assert all(s.run_dir.parent.name == path.stem for s in steps)
+        return
     cfg = load_recipe(path)
     assert cfg.name == path.stem  # the run dir is named after the recipe file
 

@@ -8,7 +8,8 @@ import importlib
 from types import ModuleType
 
 TASK_MODULES = {"clm": "lmtune.tasks.clm", "mlm": "lmtune.tasks.mlm", "qa": "lmtune.tasks.qa",
-                "classify": "lmtune.tasks.classify", "sft": "lmtune.tasks.sft"}
+                "classify": "lmtune.tasks.classify", "sft": "lmtune.tasks.sft",
+                "reward": "lmtune.tasks.preference", "dpo": "lmtune.tasks.preference", "rl": "lmtune.tasks.preference"}
 
 
 def task_module(name: str) -> ModuleType:

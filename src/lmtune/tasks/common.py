@@ -33,6 +33,11 @@ class Prepared:
     # which re-pads blocks that are already equal-length; tasks set it explicitly.
     collator: Any = None
     trainer_kwargs: dict = field(default_factory=dict)
+    # A TRL trainer and its TrainingArguments subclass (RewardConfig, DPOConfig...) with their own
+    # options; None: the pipeline's Trainer and plain TrainingArguments.
+    trainer_class: Any = None
+    args_class: Any = None
+    args_extra: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # what the task's build_model / evaluate need besides
 
 
@@ -81,6 +86,8 @@ def sequence_length(cfg: RecipeConfig) -> int:
         return cfg.classify.max_length
     if cfg.task == "sft":
         return cfg.sft.max_length
+    if cfg.task in ("reward", "dpo", "rl"):
+        return cfg.preference.max_length
     return cfg.data.block_size
 
 
@@ -121,8 +128,9 @@ def get_tokenizer(cfg: RecipeConfig, train: Corpus | None):
     if cfg.tokenizer.train:
         return trained_tokenizer(cfg, train)
     name = cfg.model.tokenizer or cfg.model.name_or_path
-    # Classification follows the LoRA article: a tokenizer without a pad token gets a new one.
-    return load_tokenizer(name, trust_remote_code=cfg.model.trust_remote_code, new_pad_token=cfg.task == "classify")
+    # Classification follows the LoRA article: a tokenizer without a pad token gets a new one (so does a
+    # reward model, whose score is read at the last token that is not padding).
+    return load_tokenizer(name, trust_remote_code=cfg.model.trust_remote_code, new_pad_token=cfg.task in ("classify", "reward"))
 
 
 def seeded_subset(rows: np.ndarray, limit: int | None, seed: int) -> np.ndarray:

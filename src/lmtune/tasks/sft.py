@@ -3,7 +3,7 @@
     records -> (prompt, response) pairs: a template with named fields as written in the recipe
                (the article's "Please answer the following question. Q: {question} A: {answer}"),
                Alpaca's instruction/input/output templates, or chat messages through the tokenizer's
-               own chat template
+               own chat template, or whole dialogues split at the last reply marker (HH-RLHF)
     -> tokens: prompt + response + EOS (so the tuned model learns to stop); labels -100 on the prompt,
        so the loss is on the response only (switchable); optionally packed into max_length sequences
     -> AutoModelForCausalLM through the Trainer
@@ -114,7 +114,25 @@ def render_chat(record: dict, sft: SFTConfig, tokenizer, location: str, where: s
     return Pair(prompt, full[len(prompt):])
 
 
+def render_transcript(record: dict, sft: SFTConfig, location: str, where: str, with_response: bool = True) -> Pair:
+    """A whole dialogue in one text (HH-RLHF's "\n\nHuman: ...\n\nAssistant: ..."): the reply after the
+    last response marker is the response, everything up to and including the marker the prompt. Without
+    the response (samples, predict) the text is the dialogue so far; the marker is added when missing."""
+    text = str(required_field(record, sft.transcript_field, location, where, "sft.format transcript reads the "
+                              "dialogue from it: fix sft.transcript_field or the data"))
+    if not with_response:
+        return Pair(text if text.endswith(sft.response_marker) else text + sft.response_marker, "")
+    cut = text.rfind(sft.response_marker)
+    if cut < 0:
+        raise InputError(f"{where}: {location} has no {sft.response_marker!r} before a reply; set "
+                         "sft.response_marker to the text that opens the replies.")
+    cut += len(sft.response_marker)
+    return Pair(text[:cut], text[cut:])
+
+
 def to_pair(record: dict, cfg: RecipeConfig, tokenizer, location: str, where: str, with_response: bool = True) -> Pair:
+    if cfg.sft.format == "transcript":
+        return render_transcript(record, cfg.sft, location, where, with_response)
     if cfg.sft.format == "alpaca":
         return render_alpaca(record, location, where, with_response)
     if cfg.sft.format == "chat":

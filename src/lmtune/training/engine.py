@@ -43,9 +43,12 @@ def resolve_precision(choice: str) -> str:
     return choice
 
 
-def training_arguments(cfg: TrainingConfig, output_dir: Path, precision: str, has_eval: bool) -> TrainingArguments:
+def training_arguments(cfg: TrainingConfig, output_dir: Path, precision: str, has_eval: bool,
+                       args_class: type[TrainingArguments] = TrainingArguments, **extra) -> TrainingArguments:
+    """The recipe's training section as `args_class` (TrainingArguments, or a TRL config such as
+    DPOConfig with its own options in `extra`)."""
     eval_strategy = cfg.eval_strategy if has_eval else "no"
-    return TrainingArguments(
+    return args_class(
         output_dir=str(output_dir),
         learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay,  # Trainer exempts biases and LayerNorm weights from decay
@@ -69,6 +72,9 @@ def training_arguments(cfg: TrainingConfig, output_dir: Path, precision: str, ha
         max_grad_norm=cfg.max_grad_norm,
         dataloader_num_workers=cfg.dataloader_num_workers,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        activation_checkpointing=cfg.activation_checkpointing,
+        # non-reentrant checkpointing passes gradients to adapters even when the frozen embeddings' output needs none
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.activation_checkpointing else None,
         report_to="none",
         disable_tqdm=not sys.stderr.isatty(),
         remove_unused_columns=False,
@@ -78,6 +84,7 @@ def training_arguments(cfg: TrainingConfig, output_dir: Path, precision: str, ha
         # loss and error metrics: lower is better; accuracy, F1 and the like: higher
         greater_is_better=cfg.metric_for_best_model.removeprefix("eval_") not in {"loss", "mse", "mae"}
         if cfg.load_best_model_at_end else None,
+        **extra,
     )
 
 
