@@ -14,7 +14,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from lmtune.errors import InputError
+from lmtune.errors import InputError, NonFiniteError, StorageError, StoppedBySignal
 
 log = logging.getLogger("lmtune")
 
@@ -471,6 +471,12 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"lmtune: error: {exc}", file=sys.stderr)
         return 2
+    except StoppedBySignal as exc:
+        print(f"lmtune: {exc}.", file=sys.stderr)
+        return 128 + exc.signum
+    except (NonFiniteError, StorageError) as exc:  # not the input's fault, nor a bug of ours
+        print(f"lmtune: error: {exc}.", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("lmtune: interrupted; continue a training run with `lmtune train RECIPE --resume`.", file=sys.stderr)
         return 130

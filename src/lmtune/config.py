@@ -455,9 +455,14 @@ def _model_at(loc: tuple, root: type[BaseModel] = RecipeConfig) -> type[BaseMode
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
+def _printable(part: Any) -> str:
+    text = str(part)
+    return text if text.isprintable() else repr(text)[1:-1]  # a key such as "\n" shown escaped, on one line
+
+
 def _describe(error: dict) -> str:
     loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p in {"str", "list[str]"}))
-    where = ".".join(str(p) for p in loc) or "(top level)"
+    where = ".".join(_printable(p) for p in loc) or "(top level)"
     if error["type"] == "extra_forbidden":
         owner = _model_at(loc)
         valid = list(owner.model_fields) if owner else []
@@ -468,7 +473,7 @@ def _describe(error: dict) -> str:
         return f"unknown key '{where}' ({hint})"
     if error["type"] == "missing":
         return f"'{where}' is required"
-    msg = error["msg"].removeprefix("Value error, ")
+    msg = " ".join(error["msg"].removeprefix("Value error, ").split("\n"))
     return f"'{where}': {msg} (got {error.get('input')!r})" if loc else msg
 
 

@@ -13,3 +13,19 @@ class InputError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class NonFiniteError(Exception):
+    """Training produced a NaN or infinite loss or gradient; raised before the optimizer applies it."""
+
+
+class StoppedBySignal(Exception):
+    """SIGINT / SIGTERM arrived; a checkpoint was saved at the next step boundary."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StorageError(Exception):
+    """The disk refused a write (full, over quota); what was saved before is intact."""

@@ -9,17 +9,20 @@ a failed run never leaves a half-written run dir and never touches an existing o
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
+import signal
 import time
 import uuid
 import warnings
 from pathlib import Path
 
 from lmtune.config import RecipeConfig
-from lmtune.errors import InputError
+from lmtune.errors import InputError, NonFiniteError, StorageError, StoppedBySignal
+from lmtune.training.checkpoints import newest_complete_checkpoint
 
 log = logging.getLogger("lmtune")
 
@@ -54,14 +57,6 @@ def check_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
             f"an interrupted run is in '{partial_dir(run_dir)}'; pass --resume to continue it or --overwrite "
             "to start over."
         )
-
-
-def latest_checkpoint(checkpoints: Path) -> Path | None:
-    if not checkpoints.is_dir():
-        return None
-    found = [p for p in checkpoints.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    complete = [p for p in found if (p / "trainer_state.json").is_file()]
-    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 def open_work_dir(run_dir: Path, overwrite: bool, resume: bool) -> Path:
@@ -167,9 +162,24 @@ def train(cfg: RecipeConfig, run_dir: Path, overwrite: bool = False, resume: boo
     with _RunLog(work / "train.log"):
         try:
             _train_in(work, cfg, task, prepared, model, precision, resume, timings, t0, params)
+        except NonFiniteError as exc:
+            good = newest_complete_checkpoint(work / "checkpoints")
+            message = (f"training stopped: {exc}, and was not applied to the weights; the last good checkpoint is "
+                       f"{good if good else 'none (none was saved yet)'}; lower training.learning_rate or set "
+                       "training.max_grad_norm, then run again with --resume or --overwrite")
+            log.error("%s", message)
+            raise NonFiniteError(message) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            message = (f"the disk is full: writing into {work} failed ({exc.strerror}); the checkpoints saved so "
+                       "far are intact; free space and run again with --resume")
+            log.error("%s", message)
+            raise StorageError(message) from None
         except BaseException as exc:
             log.error("run stopped (%s); what it wrote is kept in %s; continue it with --resume",
-                      type(exc).__name__, work, exc_info=not isinstance(exc, KeyboardInterrupt | InputError))
+                      type(exc).__name__, work,
+                      exc_info=not isinstance(exc, KeyboardInterrupt | InputError | StoppedBySignal | StorageError))
             raise
     publish(work, run_dir)
     return run_dir
@@ -218,7 +228,15 @@ def _train_in(work: Path, cfg: RecipeConfig, task, prepared, model, precision, r
     """Evaluate, train, evaluate, save: everything that writes into the work dir."""
     from transformers.trainer_callback import PrinterCallback
 
-    from lmtune.training.engine import JsonlLogCallback, LmtuneTrainer, PlainProgressCallback, training_arguments
+    from lmtune.training.engine import (
+        JsonlLogCallback,
+        LmtuneTrainer,
+        NonFiniteGradientGuard,
+        PlainProgressCallback,
+        StopOnSignal,
+        reliable,
+        training_arguments,
+    )
 
     (work / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     log.info("precision: %s; run dir in progress: %s", precision, work)
@@ -233,18 +251,20 @@ def _train_in(work: Path, cfg: RecipeConfig, task, prepared, model, precision, r
                               **({"args_class": prepared.args_class} if prepared.args_class else {}),
                               **prepared.args_extra)
     optional = {"eval_dataset": prepared.eval_dataset, "data_collator": prepared.collator}
-    trainer = (prepared.trainer_class or LmtuneTrainer)(
+    stop_on_signal = StopOnSignal()
+    trainer = reliable(prepared.trainer_class or LmtuneTrainer)(
         model=model,
         args=args,
         train_dataset=prepared.train,
         processing_class=prepared.tokenizer,
-        callbacks=[JsonlLogCallback(work / "log.jsonl")] + ([PlainProgressCallback()] if args.disable_tqdm else []),
+        callbacks=[JsonlLogCallback(work / "log.jsonl"), NonFiniteGradientGuard(), stop_on_signal]
+        + ([PlainProgressCallback()] if args.disable_tqdm else []),
         **{k: v for k, v in optional.items() if v is not None},
         **prepared.trainer_kwargs,
     )
     if args.disable_tqdm:
         trainer.remove_callback(PrinterCallback)  # ours prints the same, one readable line per step
-    checkpoint = latest_checkpoint(work / "checkpoints") if resume else None
+    checkpoint = newest_complete_checkpoint(work / "checkpoints") if resume else None
     if resume:
         log.info("resuming from %s", checkpoint if checkpoint else "the start (no complete checkpoint found)")
     t = time.time()
@@ -252,6 +272,12 @@ def _train_in(work: Path, cfg: RecipeConfig, task, prepared, model, precision, r
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     timings["train_s"] = time.time() - t
     timings["train_peak_rss_mb"] = peak_rss_mb()
+    if stop_on_signal.signum is not None:
+        name = signal.Signals(stop_on_signal.signum).name
+        saved = newest_complete_checkpoint(work / "checkpoints")
+        raise StoppedBySignal(f"stopped by {name} after step {trainer.state.global_step}; the checkpoint {saved} "
+                              "holds it; continue with `lmtune train RECIPE --resume` (same --output)",
+                              stop_on_signal.signum)
     model = trainer.model
 
     t = time.time()

@@ -96,8 +96,8 @@ def mlm_config(**mlm):
 
 def mask_chunks(chunks, tokenizer, cfg, seed, batch_size=256):
     """The training path: ChunkDataset items through the task's collator, batch by batch."""
-    collator = MaskingCollator(make_collator(tokenizer, cfg, seed=seed))
-    dataset = ChunkDataset(chunks, cfg.mlm.whole_word_mask)
+    collator = MaskingCollator(make_collator(tokenizer, cfg, seed=None), seed=seed)
+    dataset = ChunkDataset(chunks, cfg.mlm.whole_word_mask, with_index=True)
     out = defaultdict(list)
     for start in range(0, len(dataset), batch_size):
         batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
@@ -412,7 +412,7 @@ def test_mask_once_is_deterministic_and_seeded(eval_chunks, whole_word):
     assert not torch.equal(first["labels"] != -100, other["labels"] != -100)
     # The dataset hands out exactly these tensors; the collator passes them through unmasked again.
     dataset = FixedMaskedDataset(first)
-    collator = MaskingCollator(make_collator(tok, cfg, seed=0))
+    collator = MaskingCollator(make_collator(tok, cfg, seed=None), seed=0)
     batch = collator([dataset[i] for i in range(len(dataset))])
     for key in first:
         assert torch.equal(batch[key], first[key]), key

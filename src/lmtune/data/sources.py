@@ -267,6 +267,17 @@ def _record_text(record: Any, text_field: str, location: str, where: str, match:
         ) from None
 
 
+# One document or record above this size is almost surely a broken file (a dump without newlines); it
+# would also need gigabytes to tokenize at once. Refused with a sentence rather than read.
+MAX_RECORD_BYTES = 32 * 2**20
+
+
+def check_record_size(size: int, location: str, where: str) -> None:
+    if size > MAX_RECORD_BYTES:
+        raise InputError(f"{where}: {location} is {size / 2**20:.1f} MB long, over the {MAX_RECORD_BYTES // 2**20} MB "
+                         "one record or document may take; split it (one document per line or per file).")
+
+
 def iter_table_records(path: Path, suffix: str, where: str, stats: SourceStats,
                        column: str | None = None, columns: list[str] | None = None) -> Iterator[tuple[str, Any]]:
     """(location, record) for every record of a JSON Lines / JSON / CSV / Parquet file. `column`, when
@@ -281,6 +292,7 @@ def iter_table_records(path: Path, suffix: str, where: str, stats: SourceStats,
         for lineno, raw in enumerate(data.splitlines(), start=1):
             if not raw.strip():
                 continue
+            check_record_size(len(raw), f"line {lineno} of '{path}'", where)
             line = decode(raw)
             if line is None:
                 stats.undecodable.append(f"{path.name}:{lineno}")
@@ -403,6 +415,9 @@ def iter_file_documents(src: SourceConfig, where: str, stats: SourceStats) -> It
                 stats.undecodable.append(str(path))
                 continue
             docs = split_txt(text, src.txt_unit)
+            for i, doc in enumerate(docs):
+                if len(doc) > MAX_RECORD_BYTES // 4:  # characters; a cheap pre-check before encoding
+                    check_record_size(len(doc.encode()), f"document {i + 1} of '{path}'", where)
             if docs:
                 stats.files_kept += 1
                 stats.bytes_kept += len(data)

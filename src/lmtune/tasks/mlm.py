@@ -129,11 +129,13 @@ def chunks_for(corpus: Corpus, tokenizer, cfg: RecipeConfig, where: str) -> dict
 
 
 class ChunkDataset(torch.utils.data.Dataset):
-    """Unmasked chunks; the training collator masks them afresh every time they are drawn."""
+    """Unmasked chunks; the training collator masks them afresh every time they are drawn. With
+    `with_index` each item carries its index, from which the collator seeds that batch's masks."""
 
-    def __init__(self, chunks: dict[str, np.ndarray], whole_word: bool):
+    def __init__(self, chunks: dict[str, np.ndarray], whole_word: bool, with_index: bool = False):
         self.chunks = chunks
         self.whole_word = whole_word
+        self.with_index = with_index
 
     def __len__(self) -> int:
         return len(self.chunks["input_ids"])
@@ -146,6 +148,8 @@ class ChunkDataset(torch.utils.data.Dataset):
         }
         if self.whole_word:
             item["offset_mapping"] = torch.from_numpy(word_offsets(self.chunks["word_start"][i]))
+        if self.with_index:
+            item["index"] = i
         return item
 
 
@@ -173,16 +177,31 @@ def make_collator(tokenizer, cfg: RecipeConfig, seed: int | None) -> DataCollato
     )
 
 
+def batch_mask_seed(seed: int, indices: list[int]) -> int:
+    digest = hashlib.sha256(f"{seed}:{','.join(map(str, indices))}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
 class MaskingCollator:
     """Masks unmasked chunks (training); passes through chunks that were masked once (evaluation),
-    since the Trainer has one collator for both."""
+    since the Trainer has one collator for both.
 
-    def __init__(self, collator: DataCollatorForLanguageModeling):
+    A training batch's masks come from a generator seeded by the training seed and the batch's chunk
+    indices: the same batch is masked the same way whenever it is built -- in particular after a resume,
+    where the data loader's prefetching would otherwise have drawn the masks from a different state of a
+    shared generator -- while reshuffled batches of later epochs get new masks."""
+
+    def __init__(self, collator: DataCollatorForLanguageModeling, seed: int):
         self.collator = collator
+        self.seed = seed
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         if "labels" in features[0]:
             return default_data_collator(features)
+        if "index" in features[0]:
+            indices = [int(f["index"]) for f in features]
+            self.collator.generator = torch.Generator().manual_seed(batch_mask_seed(self.seed, indices))
+            features = [{k: v for k, v in f.items() if k != "index"} for f in features]
         return self.collator(features)
 
 
@@ -244,8 +263,8 @@ def prepare(cfg: RecipeConfig) -> Prepared:
         "whole_word_mask": cfg.mlm.whole_word_mask,
         "source": train.stats.summary("data.train"),
     }
-    collator = MaskingCollator(make_collator(tokenizer, cfg, seed=cfg.training.seed))
-    return Prepared(tokenizer, ChunkDataset(train_chunks, cfg.mlm.whole_word_mask), masked, info,
+    collator = MaskingCollator(make_collator(tokenizer, cfg, seed=None), seed=cfg.training.seed)
+    return Prepared(tokenizer, ChunkDataset(train_chunks, cfg.mlm.whole_word_mask, with_index=True), masked, info,
                     eval_dataset=FixedMaskedDataset(masked), collator=collator)
 
 

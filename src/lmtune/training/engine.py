@@ -7,10 +7,14 @@ and one JSON line per logging step in the run dir.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
+import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +22,8 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from lmtune.config import TrainingConfig
+from lmtune.errors import NonFiniteError, StorageError
+from lmtune.training.checkpoints import PREFIX, prune_checkpoints, publish_checkpoint
 from lmtune.training.losses import keytoken_weighted_loss
 
 log = logging.getLogger("lmtune")
@@ -76,6 +82,7 @@ def training_arguments(cfg: TrainingConfig, output_dir: Path, precision: str, ha
         # non-reentrant checkpointing passes gradients to adapters even when the frozen embeddings' output needs none
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.activation_checkpointing else None,
         report_to="none",
+        logging_nan_inf_filter=False,  # a NaN loss is shown as NaN (and stops the run), never averaged away
         disable_tqdm=not sys.stderr.isatty(),
         remove_unused_columns=False,
         save_only_model=False,
@@ -112,6 +119,102 @@ class PlainProgressCallback(TrainerCallback):
             return
         shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items())
         print(f"[step {state.global_step}/{state.max_steps}] {shown}", file=sys.stderr, flush=True)
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGINT or SIGTERM (Ctrl-C, a scheduler's pre-emption) asks for a checkpoint at the next step
+    boundary and a clean stop; a second signal of the same kind acts at once, as it would without us."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))  # a second one is not caught
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._handle)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signum is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for signum, handler in self.previous.items():
+            if signal.getsignal(signum) == self._handle:
+                signal.signal(signum, handler)
+        self.previous.clear()
+
+
+class NonFiniteGradientGuard(TrainerCallback):
+    """Stops training before the optimizer step when a gradient is NaN or infinite (the loss may be
+    finite while the backward pass overflows); the weights and the last checkpoint stay as they were."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for _, g in grads]).all()):
+            bad = [name for name, g in grads if not bool(torch.isfinite(g).all())]
+            raise NonFiniteError(f"the gradient of {bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''} "
+                                 f"became NaN or infinite at step {state.global_step + 1}")
+
+
+def reliable(trainer_class: type[Trainer]) -> type[Trainer]:
+    """`trainer_class` (ours or TRL's) that stops at the first NaN or infinite training loss, before the
+    optimizer step that would write it into the weights, and saves crash-safe checkpoints
+    (training/checkpoints.py: staged, fsynced, manifest last, renamed into place, then pruned)."""
+
+    class Reliable(trainer_class):
+        def training_step(self, *args, **kwargs):
+            loss = super().training_step(*args, **kwargs)
+            if not bool(torch.isfinite(loss).all()):
+                raise NonFiniteError(f"the training loss became {float(loss.detach().float().mean())} at step "
+                                     f"{self.state.global_step + 1}")
+            return loss
+
+        def _save_checkpoint(self, model, trial):
+            if self.args.world_size > 1:  # every process writes its part in place; no staging across them
+                return super()._save_checkpoint(model, trial)
+            real = Path(self.args.output_dir)
+            staging = real / ".staging"
+            try:
+                self._stage_and_publish(model, trial, real, staging)
+            except OSError as exc:
+                shutil.rmtree(staging, ignore_errors=True)
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise StorageError(f"the disk is full: saving the checkpoint of step {self.state.global_step} "
+                                   f"in {real} failed ({exc.strerror}); the earlier checkpoints are intact; free "
+                                   "space (or lower training.save_total_limit) and run again with --resume") from None
+            prune_checkpoints(real, self.args.save_total_limit, self._best_checkpoint(real))
+
+        def _best_checkpoint(self, real: Path) -> Path | None:
+            return real / f"{PREFIX}{self.state.best_global_step}" if self.state.best_global_step else None
+
+        def _stage_and_publish(self, model, trial, real: Path, staging: Path) -> None:
+            shutil.rmtree(staging, ignore_errors=True)
+            self.args.output_dir = str(staging)
+            try:
+                super()._save_checkpoint(model, trial)  # also prunes, but only inside the staging folder
+            finally:
+                self.args.output_dir = str(real)
+            name = f"{PREFIX}{self.state.global_step}"
+            best = self._best_checkpoint(real)
+            # The Trainer looked for the best checkpoint in the staging folder: point it at the real one.
+            if best is not None and (best.exists() or best.name == name):
+                self.state.best_model_checkpoint = str(best)
+            self.state.save_to_json(str(staging / name / "trainer_state.json"))
+            # TrainingArguments as a pickle: nothing reads it back (the run's config.yaml says it all), and
+            # a checkpoint should hold no file that loading could turn into code.
+            (staging / name / "training_args.bin").unlink(missing_ok=True)
+            publish_checkpoint(staging / name, real / name)
+            shutil.rmtree(staging, ignore_errors=True)
+
+    Reliable.__name__ = Reliable.__qualname__ = trainer_class.__name__
+    return Reliable
 
 
 class LmtuneTrainer(Trainer):
