@@ -460,8 +460,15 @@ def _printable(part: Any) -> str:
     return text if text.isprintable() else repr(text)[1:-1]  # a key such as "\n" shown escaped, on one line
 
 
+def _without_union_tags(loc: tuple) -> tuple:
+    return tuple(p for p in loc if not (isinstance(p, str) and p in {"str", "list[str]"}))
+
+
 def _describe(error: dict) -> str:
-    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p in {"str", "list[str]"}))
+    if error["type"] == "extra_forbidden":  # the unknown key is the last part, whatever it is called
+        loc = _without_union_tags(error["loc"][:-1]) + error["loc"][-1:]
+    else:
+        loc = _without_union_tags(error["loc"])
     where = ".".join(_printable(p) for p in loc) or "(top level)"
     if error["type"] == "extra_forbidden":
         owner = _model_at(loc)
