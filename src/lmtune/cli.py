@@ -259,6 +259,8 @@ def predict_sft(args) -> int:
             records.append({"instruction": text, **extra})
         elif cfg.sft.format == "chat":
             records.append({cfg.sft.messages_field: [{"role": "user", "content": text}]})
+        elif cfg.sft.format == "transcript":  # the dialogue so far; the reply marker is added
+            records.append({cfg.sft.transcript_field: text})
         else:
             prompt_part, _ = sft.split_template(cfg.sft.template, cfg.sft.response_field)
             first = sft.template_fields(prompt_part)[:1]

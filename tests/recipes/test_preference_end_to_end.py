@@ -328,6 +328,10 @@ def test_chain_recipe_runs_pretraining_sft_reward_and_rl_and_keeps_finished_step
     rl_config = yaml.safe_load((Path(done["rl"]) / "config.yaml").read_text())
     assert rl_config["model"]["name_or_path"] == str(tmp_path / "chain" / "sft")
     assert rl_config["rl"]["reward_model"] == str(tmp_path / "chain" / "reward")
+    capsys.readouterr()  # the transcript-format SFT run answers a dialogue after its reply marker
+    assert main(["predict", done["sft"], "\n\nHuman: can you help me?", "--max-new-tokens", "4"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["prompt"] == "\n\nHuman: can you help me?\n\nAssistant:" and "response" in answer
     stamp = (Path(done["sft"]) / "metrics.json").stat().st_mtime_ns
     assert main(args) == 0  # a second run keeps the finished steps
     assert (Path(done["sft"]) / "metrics.json").stat().st_mtime_ns == stamp
