@@ -61,8 +61,9 @@ def cmd_train(args) -> int:
 
 
 def _model_dir(path: str) -> str:
-    p = Path(path)
-    return str(p / "model") if (p / "model" / "config.json").is_file() else path
+    from lmtune.hub import run_model_folder
+
+    return run_model_folder(path)
 
 
 def cmd_eval(args) -> int:
@@ -312,7 +313,7 @@ def predict_policy(args) -> int:
 
     cfg = _run_config(args.run, "prompt template")
     template = preference.prompt_template(cfg)
-    first = preference.template_fields(template)[:1]
+    first = sft.template_fields(template)[:1]
     extra = dict(_key_value(item) for item in args.field)
     records = [{**dict.fromkeys(first, text), **extra} for text in _prompts(args)]
     prompts = [preference.render_prompt(r, template, f"prompt {i + 1}", "predict") for i, r in enumerate(records)]

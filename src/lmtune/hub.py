@@ -96,10 +96,10 @@ def resolve_package_model(name: str, field: str = "model.name_or_path") -> str:
 
 
 def run_model_folder(name: str) -> str:
-    """An lmtune run dir stands for the model it saved (its model/ folder): chained steps name the
-    previous step's run dir. Anything else passes through unchanged."""
+    """An lmtune run dir stands for the model it saved (its model/ folder): `predict RUN`, and chained
+    steps naming the previous step's run dir. Anything else passes through unchanged."""
     run = Path(name).expanduser()
-    if (run / "config.yaml").is_file() and (run / "model" / "config.json").is_file():
+    if (run / "model" / "config.json").is_file():
         return str(run / "model")
     return name
 

@@ -290,12 +290,28 @@ def _(tmp, models):
     return train(tmp, clm(write(tmp, "d.jsonl", GOOD_JSONL))), ["an interrupted run is in", "--resume"]
 
 
+IMMUTABLE: list[Path] = []  # folders made immutable for a case; the test lifts the flag afterwards
+
+
+def make_read_only(folder: Path) -> None:
+    """Mode 0o555; root writes through that, so as root the folder is made immutable (chattr +i), which
+    stops root too -- and os.access reports it, as it would a read-only mount."""
+    folder.chmod(0o555)
+    if os.geteuid() != 0:
+        return
+    import subprocess
+
+    try:
+        subprocess.run(["chattr", "+i", str(folder)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"running as root, and chattr +i is unavailable here ({exc}), so no folder is read-only to root")
+    IMMUTABLE.append(folder)
+
+
 @case("read-only output folder")
 def _(tmp, models):
-    if os.geteuid() == 0:
-        pytest.skip("root writes into read-only folders; this case needs an ordinary user")
     (tmp / "out").mkdir()
-    (tmp / "out").chmod(0o555)
+    make_read_only(tmp / "out")
     return train(tmp, clm(write(tmp, "d.jsonl", GOOD_JSONL))), ["is not writable"]
 
 
@@ -408,12 +424,18 @@ def test_there_are_at_least_forty_cases():
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_malformed_input_gives_one_sentence_and_leaves_every_file_as_it_was(name, models, tmp_path, capsys):
-    argv, fragments = CASES[name](tmp_path, models)
-    before = snapshot(tmp_path)
-    capsys.readouterr()
-    code = main(argv)
-    assert_one_sentence(code, capsys.readouterr().err, *fragments)
-    assert snapshot(tmp_path) == before  # nothing changed, nothing added (no run dir, no partial dir)
+    import subprocess
+
+    try:
+        argv, fragments = CASES[name](tmp_path, models)
+        before = snapshot(tmp_path)
+        capsys.readouterr()
+        code = main(argv)
+        assert_one_sentence(code, capsys.readouterr().err, *fragments)
+        assert snapshot(tmp_path) == before  # nothing changed, nothing added (no run dir, no partial dir)
+    finally:
+        while IMMUTABLE:
+            subprocess.run(["chattr", "-i", str(IMMUTABLE.pop())], check=False, capture_output=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from lmtune.errors import InputError
 from lmtune.hub import run_model_folder
 from lmtune.modeling import build_or_load, check_block_size, check_pretrained_head
 from lmtune.tasks.common import Prepared, get_tokenizer, load_model_for, seeded_subset
+from lmtune.tasks.sft import template_fields
 
 log = logging.getLogger("lmtune")
 
@@ -67,12 +68,6 @@ def split_shared_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
         while n > 0 and chosen[n - 1].isspace():  # the space before a word belongs to it (BPE's " word")
             n -= 1
     return chosen[:n], chosen[n:], rejected[n:]
-
-
-def template_fields(template: str) -> list[str]:
-    import string
-
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
 def render_prompt(record: dict, template: str, location: str, where: str) -> str:
