@@ -25,6 +25,8 @@ def _setup_logging(verbose: bool) -> None:
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
+    if not _is_main_process():  # with several processes the main one tells the story (tracebacks still show)
+        log.setLevel(logging.CRITICAL + 1)
     # The libraries' own chatter (Hub warnings, "generation flags" notices) is not for the user.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     import transformers
@@ -40,23 +42,38 @@ def _setup_logging(verbose: bool) -> None:
     datasets.logging.set_verbosity_error()
 
 
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
 # --------------------------------------------------------------------------------------------------
 # Verbs
 
 
 def cmd_train(args) -> int:
-    from lmtune.config import is_chain, load_recipe, read_recipe_yaml
+    from lmtune import distributed
+    from lmtune.config import is_chain, load_chain, load_recipe, read_recipe_yaml
     from lmtune.run import train, train_chain
 
-    if is_chain(read_recipe_yaml(args.recipe)):
+    chain = is_chain(read_recipe_yaml(args.recipe))
+    if args.nproc > 1 and distributed.world_size() == 1:
+        # Reject a bad recipe here, once, before starting processes that would each say so.
+        load_chain(args.recipe, args.set, args.output) if chain else load_recipe(args.recipe, args.set)
+        from lmtune.launch import launch_train, strip_nproc
+
+        log.info("starting %d processes", args.nproc)
+        return launch_train(args.nproc, strip_nproc(args.argv))
+    if chain:
         done = train_chain(args.recipe, args.set, args.output, overwrite=args.overwrite, resume=args.resume)
-        print(json.dumps({"chain": {d.name: str(d) for d in done}}))
+        if distributed.is_main():
+            print(json.dumps({"chain": {d.name: str(d) for d in done}}))
         return 0
     cfg = load_recipe(args.recipe, args.set)
     run_dir = Path(args.output) if args.output else Path(cfg.output.dir) / cfg.name
     done = train(cfg, run_dir, overwrite=args.overwrite, resume=args.resume)
-    metrics = json.loads((done / "metrics.json").read_text())
-    print(json.dumps({"run_dir": str(done), "before": metrics["before"], "after": metrics["after"]}))
+    if distributed.is_main():
+        metrics = json.loads((done / "metrics.json").read_text())
+        print(json.dumps({"run_dir": str(done), "before": metrics["before"], "after": metrics["after"]}))
     return 0
 
 
@@ -400,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_mutually_exclusive_group()
     g.add_argument("--overwrite", action="store_true", help="replace an existing run dir (only once this run ends)")
     g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    t.add_argument("--nproc", type=int, default=1, help="train in N processes on this machine (one per GPU; "
+                   "on CPUs over gloo); the per-device batch is per process")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="perplexity of a run's (or any) model on some text")
@@ -459,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_numbers(args) -> None:
-    for name in ("block_size", "batch_size", "max_new_tokens", "num_return_sequences", "vocab_size", "max_blocks"):
+    for name in ("block_size", "batch_size", "max_new_tokens", "num_return_sequences", "vocab_size", "max_blocks",
+                 "nproc"):
         value = getattr(args, name, None)
         if value is not None and value <= 0:
             raise InputError(f"--{name.replace('_', '-')} must be positive (got {value}).")
@@ -468,17 +488,21 @@ def _check_numbers(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         _check_numbers(args)
         _setup_logging(args.verbose)
         return args.func(args)
     except InputError as exc:
-        print(f"lmtune: error: {exc}", file=sys.stderr)
+        if _is_main_process():  # every process finds the same fault; one says it
+            print(f"lmtune: error: {exc}", file=sys.stderr)
         return 2
     except StoppedBySignal as exc:
-        print(f"lmtune: {exc}.", file=sys.stderr)
+        if _is_main_process():
+            print(f"lmtune: {exc}.", file=sys.stderr)
         return 128 + exc.signum
     except (NonFiniteError, StorageError) as exc:  # not the input's fault, nor a bug of ours
-        print(f"lmtune: error: {exc}.", file=sys.stderr)
+        if _is_main_process():
+            print(f"lmtune: error: {exc}.", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("lmtune: interrupted; continue a training run with `lmtune train RECIPE --resume`.", file=sys.stderr)

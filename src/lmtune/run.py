@@ -9,6 +9,7 @@ a failed run never leaves a half-written run dir and never touches an existing o
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -20,6 +21,7 @@ import uuid
 import warnings
 from pathlib import Path
 
+from lmtune import distributed
 from lmtune.config import RecipeConfig
 from lmtune.errors import InputError, NonFiniteError, StorageError, StoppedBySignal
 from lmtune.training.checkpoints import newest_complete_checkpoint
@@ -140,13 +142,17 @@ def train(cfg: RecipeConfig, run_dir: Path, overwrite: bool = False, resume: boo
     from lmtune.tasks import task_module
     from lmtune.training.engine import resolve_precision
 
+    distributed.init()
     check_run_dir(run_dir, overwrite, resume)
+    distributed.barrier()  # every process has checked the run dir before the main one creates anything
     task = task_module(cfg.task)
     timings: dict[str, float] = {}
     t0 = time.time()
 
-    # Everything that can reject the user's input runs before anything is written.
-    prepared = task.prepare(cfg)
+    # Everything that can reject the user's input runs before anything is written. With several
+    # processes the main one prepares first and fills the caches; the others read them.
+    with distributed.main_first():
+        prepared = task.prepare(cfg)
     timings["prepare_s"] = time.time() - t0
     model = task.build_model(cfg, prepared.tokenizer, prepared)
     if cfg.training.activation_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
@@ -158,8 +164,11 @@ def train(cfg: RecipeConfig, run_dir: Path, overwrite: bool = False, resume: boo
     precision = resolve_precision(cfg.training.precision)
     timings["prepare_peak_rss_mb"] = peak_rss_mb()
 
-    work = open_work_dir(run_dir, overwrite, resume)
-    with _RunLog(work / "train.log"):
+    work = partial_dir(run_dir)
+    if distributed.is_main():
+        work = open_work_dir(run_dir, overwrite, resume)
+    distributed.barrier()
+    with _RunLog(work / "train.log") if distributed.is_main() else contextlib.nullcontext():
         try:
             _train_in(work, cfg, task, prepared, model, precision, resume, timings, t0, params)
         except NonFiniteError as exc:
@@ -181,7 +190,9 @@ def train(cfg: RecipeConfig, run_dir: Path, overwrite: bool = False, resume: boo
                       type(exc).__name__, work,
                       exc_info=not isinstance(exc, KeyboardInterrupt | InputError | StoppedBySignal | StorageError))
             raise
-    publish(work, run_dir)
+    if distributed.is_main():
+        publish(work, run_dir)
+    distributed.barrier()
     return run_dir
 
 
@@ -207,11 +218,22 @@ def train_chain(recipe: str | Path, overrides: list[str] | None = None, output: 
     return done
 
 
-def save_model(model, tokenizer, work: Path):
+def save_model(model, tokenizer, work: Path, trainer=None):
     """model/: a plain Hugging Face folder. A LoRA run also keeps its adapter in adapter/, and model/
-    holds the adapters merged into the base weights, so plain transformers loads it without peft."""
+    holds the adapters merged into the base weights, so plain transformers loads it without peft.
+    With several processes the main one writes; under FSDP or DeepSpeed ZeRO-3, whose processes each
+    hold a shard, all of them first gather the whole state dict (not tested here: it needs GPUs)."""
     from lmtune.modeling import is_peft_model
 
+    sharded = trainer is not None and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)
+    if sharded:
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        if distributed.is_main():
+            model.save_pretrained(str(work / "model"), state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(str(work / "model"))
+        return model
+    if not distributed.is_main():
+        return model
     if is_peft_model(model):
         # With grown embeddings (an added pad token) peft keeps them in the adapter, as it should.
         with warnings.catch_warnings():
@@ -222,6 +244,20 @@ def save_model(model, tokenizer, work: Path):
     model.save_pretrained(str(work / "model"), safe_serialization=True)
     tokenizer.save_pretrained(str(work / "model"))
     return model
+
+
+def continue_stream(dataset, checkpoint: Path, trainer) -> None:
+    """A streamed training set continues where the checkpoint's step left it (its saved position),
+    rather than the Trainer replaying and discarding every batch read before."""
+    from lmtune.training.engine import STREAM_STATE
+
+    state = checkpoint / STREAM_STATE
+    if not state.is_file():
+        log.warning("%s holds no stream position; the stream is read again from its start up to that step",
+                    checkpoint)
+        return
+    dataset.resume_from(json.loads(state.read_text(encoding="utf-8")))
+    trainer.args.ignore_data_skip = True
 
 
 def _train_in(work: Path, cfg: RecipeConfig, task, prepared, model, precision, resume, timings, t0, params):
@@ -238,8 +274,11 @@ def _train_in(work: Path, cfg: RecipeConfig, task, prepared, model, precision, r
         training_arguments,
     )
 
-    (work / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-    log.info("precision: %s; run dir in progress: %s", precision, work)
+    main = distributed.is_main()
+    if main:
+        (work / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    log.info("precision: %s; run dir in progress: %s%s", precision, work,
+             f"; {distributed.world_size()} processes" if distributed.world_size() > 1 else "")
 
     t = time.time()
     before = task.evaluate_run(model, prepared, cfg)
@@ -267,6 +306,8 @@ def _train_in(work: Path, cfg: RecipeConfig, task, prepared, model, precision, r
     checkpoint = newest_complete_checkpoint(work / "checkpoints") if resume else None
     if resume:
         log.info("resuming from %s", checkpoint if checkpoint else "the start (no complete checkpoint found)")
+    if checkpoint is not None and hasattr(prepared.train, "resume_from"):
+        continue_stream(prepared.train, checkpoint, trainer)
     t = time.time()
     reset_peak_rss()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -279,14 +320,22 @@ def _train_in(work: Path, cfg: RecipeConfig, task, prepared, model, precision, r
                               "holds it; continue with `lmtune train RECIPE --resume` (same --output)",
                               stop_on_signal.signum)
     model = trainer.model
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
 
     t = time.time()
-    after = task.evaluate_run(model, prepared, cfg)
+    with distributed.evaluate_everything() if sharded else contextlib.nullcontext():
+        after = task.evaluate_run(model, prepared, cfg)
     timings["eval_after_s"] = time.time() - t
     log.info("after training: %s", task.headline(after))
 
-    model = save_model(model, prepared.tokenizer, work)
-    samples = task.samples(model, prepared.tokenizer, cfg)
+    model = save_model(model, prepared.tokenizer, work, trainer)
+    if sharded:  # every process takes part in each forward of a sharded model
+        with distributed.evaluate_everything():
+            samples = task.samples(model, prepared.tokenizer, cfg)
+    if not main:
+        return
+    if not sharded:
+        samples = task.samples(model, prepared.tokenizer, cfg)
     timings["total_s"] = time.time() - t0
     metrics = {
         "task": cfg.task,
@@ -297,6 +346,7 @@ def _train_in(work: Path, cfg: RecipeConfig, task, prepared, model, precision, r
         "data": prepared.info,
         "train": dict(result.metrics),
         "steps": trainer.state.global_step,
+        "processes": distributed.world_size(),
         "samples": samples,
         "memory": {k: timings.pop(k) for k in list(timings) if k.endswith("_rss_mb")},
         "timings": timings,

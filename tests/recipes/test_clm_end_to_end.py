@@ -192,3 +192,27 @@ def test_streaming_training_reads_the_corpus_on_the_fly(trained, tmp_path):
     metrics = json.loads((tmp_path / "stream" / "metrics.json").read_text())
     assert metrics["steps"] == 25 and metrics["data"]["streaming"] is True
     assert metrics["after"]["perplexity"] < metrics["before"]["perplexity"] / 3
+
+
+def test_the_logged_training_loss_is_the_mean_over_predicted_tokens(trained, tmp_path):
+    """With a learning rate too small to move the weights, one epoch's logged training loss is the mean
+    next-token cross-entropy over the training blocks: T - 1 predictions per block of T, not T (the
+    Trainer's own count for a model without a named loss type)."""
+    from transformers import AutoModelForCausalLM
+
+    from lmtune.config import load_recipe
+    from lmtune.tasks import clm
+
+    tmp, _, run, data = trained
+    recipe = tiny_recipe(tmp_path, data, name="still", **{
+        "model": {"name_or_path": str(run / "model")}, "tokenizer": {"train": False}, "loss.type": "cross_entropy",
+        "data.max_train_blocks": 64, "training.batch_size": 8, "training.max_steps": 8, "training.logging_steps": 8,
+        "training.learning_rate": 1e-30, "training.warmup_steps": 0, "training.save_strategy": "no",
+        "generation.prompts": []})
+    assert main(["train", str(recipe), "--output", str(tmp_path / "still")]) == 0
+    logged = [json.loads(line) for line in (tmp_path / "still" / "log.jsonl").read_text().splitlines()]
+    [loss] = [r["loss"] for r in logged if "loss" in r]
+    prepared = clm.prepare(load_recipe(recipe, []))
+    model = AutoModelForCausalLM.from_pretrained(str(run / "model"))
+    expected = clm.evaluate(model, prepared.train.blocks, 16)["loss"]
+    assert loss == pytest.approx(expected, rel=1e-4), (loss, expected)

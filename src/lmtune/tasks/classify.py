@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmtune import distributed
 from lmtune.config import RecipeConfig, SourceConfig
 from lmtune.data.sources import load_records, required_field
 from lmtune.errors import InputError
@@ -335,7 +336,15 @@ def _trainer_metrics(space: LabelSpace):
 
 @torch.no_grad()
 def example_logits(model, tokenizer, features: list[dict], batch_size: int = 32) -> np.ndarray:
-    """Logits per example, [n, num_labels]; batches of similar length so little is padded."""
+    """Logits per example, [n, num_labels]. With several processes each runs its share and all get
+    every example's logits, each once."""
+    return distributed.map_sharded(
+        lambda idx: _example_logits(model, tokenizer, [features[i] for i in idx], batch_size), len(features))
+
+
+@torch.no_grad()
+def _example_logits(model, tokenizer, features: list[dict], batch_size: int) -> np.ndarray:
+    """Batches of similar length so little is padded."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from transformers import default_data_collator
 
+from lmtune import distributed
 from lmtune.config import RecipeConfig
 from lmtune.data.packing import BlockDataset, StreamingBlockDataset, prepare_blocks
 from lmtune.data.sources import Corpus, SourceStats, iter_documents, load_corpus
@@ -142,14 +143,17 @@ def headline(metrics: dict) -> str:
 @torch.no_grad()
 def evaluate(model, blocks: np.ndarray, batch_size: int = 16) -> dict:
     """Token-weighted mean next-token cross-entropy over all validation blocks, and its exp.
-    Deterministic: eval mode, fixed order, fp32."""
+    Deterministic: eval mode, fixed order, fp32. With several processes each takes its share of the
+    blocks and the sums are added up."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total_loss = 0.0
     total_tokens = 0
-    for start in range(0, len(blocks), batch_size):
-        ids = torch.as_tensor(np.asarray(blocks[start : start + batch_size], dtype=np.int64), device=device)
+    mine = distributed.shard(len(blocks))
+    for start in range(mine.start, mine.stop, batch_size):
+        ids = torch.as_tensor(np.asarray(blocks[start : min(start + batch_size, mine.stop)], dtype=np.int64),
+                              device=device)
         logits = model(input_ids=ids).logits[:, :-1].float()
         targets = ids[:, 1:]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
@@ -157,8 +161,9 @@ def evaluate(model, blocks: np.ndarray, batch_size: int = 16) -> dict:
         total_loss += float(loss)
         total_tokens += targets.numel()
     model.train(was_training)
+    total_loss, total_tokens = distributed.sum_across([total_loss, total_tokens])
     mean = total_loss / max(total_tokens, 1)
-    return {"loss": mean, "perplexity": perplexity(mean), "tokens": total_tokens}
+    return {"loss": mean, "perplexity": perplexity(mean), "tokens": int(total_tokens)}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from transformers import DataCollatorForLanguageModeling, default_data_collator
 
+from lmtune import distributed
 from lmtune.config import RecipeConfig
 from lmtune.data.packing import _fast_backend, cache_root, tokenizer_fingerprint
 from lmtune.data.sources import Corpus
@@ -281,8 +282,9 @@ def evaluate(model, masked: dict[str, torch.Tensor], batch_size: int = 32) -> di
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for start in range(0, len(masked["input_ids"]), batch_size):
-        batch = {k: v[start : start + batch_size].to(device) for k, v in masked.items()}
+    mine = distributed.shard(len(masked["input_ids"]))  # each process its share; the sums are added up
+    for start in range(mine.start, mine.stop, batch_size):
+        batch = {k: v[start : min(start + batch_size, mine.stop)].to(device) for k, v in masked.items()}
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
         loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1),
@@ -290,8 +292,9 @@ def evaluate(model, masked: dict[str, torch.Tensor], batch_size: int = 32) -> di
         total += float(loss)
         count += int((labels != -100).sum())
     model.train(was_training)
+    total, count = distributed.sum_across([total, count])
     mean = total / max(count, 1)
-    return {"loss": mean, "perplexity": perplexity(mean), "masked_tokens": count}
+    return {"loss": mean, "perplexity": perplexity(mean), "masked_tokens": int(count)}
 
 
 def evaluate_run(model, prepared: Prepared, cfg: RecipeConfig) -> dict:

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmtune import distributed
 from lmtune.config import RecipeConfig, load_yaml, validate_recipe
 from lmtune.data.sources import load_records, required_field
 from lmtune.errors import InputError
@@ -210,6 +211,8 @@ class RewardScorer:
         self.model, self.tokenizer, self.max_length, self.batch_size = model, tokenizer, max_length, batch_size
 
     def score(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros(0)
         ids = encode_for_reward(self.tokenizer, texts, self.max_length)
         return score_ids(self.model, ids, self.tokenizer.pad_token_id, self.batch_size)
 
@@ -237,8 +240,10 @@ def load_reward_scorer(path: str, default_max_length: int) -> RewardScorer:
 
 
 def evaluate_reward(scorer: RewardScorer, pairs: list[PreferencePair]) -> dict:
-    chosen = scorer.score([p.prompt + p.chosen for p in pairs])
-    rejected = scorer.score([p.prompt + p.rejected for p in pairs])
+    # Sharded here, not in score(): as TRL's reward function each process scores its own completions.
+    chosen, rejected = distributed.map_sharded(
+        lambda idx: (scorer.score([pairs[i].prompt + pairs[i].chosen for i in idx]),
+                     scorer.score([pairs[i].prompt + pairs[i].rejected for i in idx])), len(pairs))
     margin = chosen - rejected
     return {"accuracy": float((margin > 0).mean()), "margin": float(margin.mean()),
             "reward_chosen": float(chosen.mean()), "reward_rejected": float(rejected.mean()), "pairs": len(pairs)}
@@ -318,12 +323,17 @@ def sample_completions(model, tokenizer, prompts: list[str], cfg: RecipeConfig, 
     from lmtune.tasks.clm import generate
 
     r = cfg.rl
-    out: list[list[str]] = []
-    for b in range(0, len(prompts), batch_size):
-        out += generate(model, tokenizer, prompts[b : b + batch_size], r.max_completion_length, do_sample=True,
-                        temperature=r.temperature, top_k=0, num_return_sequences=r.eval_generations,
-                        seed=cfg.training.seed + b)
-    return out
+    starts = range(0, len(prompts), batch_size)
+
+    def batches(idx) -> list[list[str]]:  # seeded per batch, so several processes sample what one would
+        out: list[list[str]] = []
+        for b in (starts[i] for i in idx):
+            out += generate(model, tokenizer, prompts[b : b + batch_size], r.max_completion_length, do_sample=True,
+                            temperature=r.temperature, top_k=0, num_return_sequences=r.eval_generations,
+                            seed=cfg.training.seed + b)
+        return out
+
+    return distributed.map_sharded(batches, len(starts))
 
 
 def evaluate_rl(model, tokenizer, prompts: list[str], scorer: RewardScorer, cfg: RecipeConfig) -> dict:
@@ -453,7 +463,11 @@ def evaluate_run(model, prepared: Prepared, cfg: RecipeConfig) -> dict:
                                   prepared.validation)
     elif cfg.task == "dpo":
         pad = prepared.tokenizer.pad_token_id
-        logps = {key: reply_logps(model, prepared.validation, f"{key}_ids", pad, batch) for key in ("chosen", "rejected")}
+        pairs = prepared.validation
+        chosen, rejected = distributed.map_sharded(lambda idx: tuple(
+            reply_logps(model, [pairs[i] for i in idx], f"{key}_ids", pad, batch) for key in ("chosen", "rejected")),
+            len(pairs))
+        logps = {"chosen": chosen, "rejected": rejected}
         # The first evaluation is of the starting policy, which is DPO's reference.
         reference = prepared.extra.setdefault("reference", logps)
         metrics = dpo_metrics(logps["chosen"], logps["rejected"], cfg.preference.beta, reference)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmtune import distributed
 from lmtune.config import QAConfig, RecipeConfig, SourceConfig
 from lmtune.data.sources import Records, SourceStats, fingerprint_texts, load_records
 from lmtune.errors import InputError
@@ -309,8 +310,15 @@ def build_model(cfg: RecipeConfig, tokenizer, prepared: Prepared | None = None):
 
 @torch.no_grad()
 def window_logits(model, tokenizer, inputs: list[dict], max_length: int, batch_size: int = 32):
-    """Start and end logits of every window, [n_windows, max_length] (padding: -inf). Windows are run
-    in order of length so each batch pads little."""
+    """Start and end logits of every window, [n_windows, max_length] (padding: -inf). With several
+    processes each runs its share and all get every window's logits, each window once."""
+    return distributed.map_sharded(
+        lambda idx: _window_logits(model, tokenizer, [inputs[i] for i in idx], max_length, batch_size), len(inputs))
+
+
+@torch.no_grad()
+def _window_logits(model, tokenizer, inputs: list[dict], max_length: int, batch_size: int):
+    """Windows are run in order of length so each batch pads little."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmtune import distributed
 from lmtune.config import RecipeConfig, SFTConfig
 from lmtune.data.sources import load_records, required_field
 from lmtune.errors import InputError
@@ -226,6 +227,10 @@ def prepare(cfg: RecipeConfig) -> Prepared:
     val = [val[i] for i in seeded_subset(np.arange(len(val)), s.max_validation_examples, cfg.training.seed)]
     train_features = tokenize_pairs(tokenizer, train, s.max_length, s.completion_only_loss, s.add_eos)
     val_features = tokenize_pairs(tokenizer, val, s.max_length, True, s.add_eos)  # evaluated on responses
+    for where, features in (("data.train", train_features), ("data.validation", val_features)):
+        if not any(label != IGNORE for f in features for label in f["labels"]):
+            raise InputError(f"{where}: sft.max_length {s.max_length} cuts away every response (the prompts fill "
+                             "it); raise sft.max_length or shorten the template.")
     cut = sum(len(f["input_ids"]) >= s.max_length for f in train_features)
     if cut:
         log.warning("data.train: %d of %d examples were cut to sft.max_length %d", cut, len(train_features),
@@ -262,6 +267,8 @@ def evaluate(model, features: list[dict], pad_id: int, batch_size: int = 16) -> 
     collate = PadCollator(pad_id)
     total, count = 0.0, 0
     order = np.argsort([len(f["input_ids"]) for f in features], kind="stable")
+    mine = distributed.shard(len(order))  # each process its share of the (length-sorted) examples
+    order = order[mine.start : mine.stop]
     for b in range(0, len(order), batch_size):
         batch = {k: v.to(device) for k, v in collate([features[i] for i in order[b : b + batch_size]]).items()}
         labels = batch.pop("labels")[:, 1:]
@@ -270,8 +277,9 @@ def evaluate(model, features: list[dict], pad_id: int, batch_size: int = 16) -> 
                                                          ignore_index=IGNORE, reduction="sum"))
         count += int((labels != IGNORE).sum())
     model.train(was_training)
+    total, count = distributed.sum_across([total, count])
     mean = total / max(count, 1)
-    return {"loss": mean, "perplexity": perplexity(mean), "response_tokens": count}
+    return {"loss": mean, "perplexity": perplexity(mean), "response_tokens": int(count)}
 
 
 def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 64) -> list[dict]:

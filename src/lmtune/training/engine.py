@@ -21,12 +21,15 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from lmtune import distributed
 from lmtune.config import TrainingConfig
 from lmtune.errors import NonFiniteError, StorageError
 from lmtune.training.checkpoints import PREFIX, prune_checkpoints, publish_checkpoint
 from lmtune.training.losses import keytoken_weighted_loss
 
 log = logging.getLogger("lmtune")
+
+STREAM_STATE = "stream_position.json"  # in a checkpoint of a streamed run
 
 
 def cpu_supports_bf16() -> bool:
@@ -82,6 +85,9 @@ def training_arguments(cfg: TrainingConfig, output_dir: Path, precision: str, ha
         # non-reentrant checkpointing passes gradients to adapters even when the frozen embeddings' output needs none
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.activation_checkpointing else None,
         report_to="none",
+        # Every parameter that trains takes part in the loss (frozen ones are skipped by DDP anyway); the
+        # search for unused ones costs a graph traversal per step.
+        ddp_find_unused_parameters=False,
         logging_nan_inf_filter=False,  # a NaN loss is shown as NaN (and stops the run), never averaged away
         disable_tqdm=not sys.stderr.isatty(),
         remove_unused_columns=False,
@@ -139,7 +145,9 @@ class StopOnSignal(TrainerCallback):
                 self.previous[signum] = signal.signal(signum, self._handle)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.signum is not None:
+        # Every process must stop after the same step, whichever of them was signalled.
+        if distributed.any_true(self.signum is not None):
+            self.signum = self.signum or signal.SIGTERM
             control.should_save = True
             control.should_training_stop = True
 
@@ -170,14 +178,14 @@ def reliable(trainer_class: type[Trainer]) -> type[Trainer]:
     class Reliable(trainer_class):
         def training_step(self, *args, **kwargs):
             loss = super().training_step(*args, **kwargs)
-            if not bool(torch.isfinite(loss).all()):
-                raise NonFiniteError(f"the training loss became {float(loss.detach().float().mean())} at step "
-                                     f"{self.state.global_step + 1}")
+            # All processes stop together, or the healthy ones would wait for the next gradient exchange.
+            bad_here = not bool(torch.isfinite(loss).all())
+            if distributed.any_true(bad_here):
+                value = float(loss.detach().float().mean()) if bad_here else "NaN or infinite in another process"
+                raise NonFiniteError(f"the training loss became {value} at step {self.state.global_step + 1}")
             return loss
 
         def _save_checkpoint(self, model, trial):
-            if self.args.world_size > 1:  # every process writes its part in place; no staging across them
-                return super()._save_checkpoint(model, trial)
             real = Path(self.args.output_dir)
             staging = real / ".staging"
             try:
@@ -189,13 +197,18 @@ def reliable(trainer_class: type[Trainer]) -> type[Trainer]:
                 raise StorageError(f"the disk is full: saving the checkpoint of step {self.state.global_step} "
                                    f"in {real} failed ({exc.strerror}); the earlier checkpoints are intact; free "
                                    "space (or lower training.save_total_limit) and run again with --resume") from None
-            prune_checkpoints(real, self.args.save_total_limit, self._best_checkpoint(real))
+            if distributed.is_main():
+                prune_checkpoints(real, self.args.save_total_limit, self._best_checkpoint(real))
 
         def _best_checkpoint(self, real: Path) -> Path | None:
             return real / f"{PREFIX}{self.state.best_global_step}" if self.state.best_global_step else None
 
         def _stage_and_publish(self, model, trial, real: Path, staging: Path) -> None:
-            shutil.rmtree(staging, ignore_errors=True)
+            # With several processes all write into the staging folder (their RNG states; FSDP and
+            # DeepSpeed their shards), and the main one publishes it once they all have.
+            if distributed.is_main():
+                shutil.rmtree(staging, ignore_errors=True)
+            distributed.barrier()
             self.args.output_dir = str(staging)
             try:
                 super()._save_checkpoint(model, trial)  # also prunes, but only inside the staging folder
@@ -206,15 +219,37 @@ def reliable(trainer_class: type[Trainer]) -> type[Trainer]:
             # The Trainer looked for the best checkpoint in the staging folder: point it at the real one.
             if best is not None and (best.exists() or best.name == name):
                 self.state.best_model_checkpoint = str(best)
-            self.state.save_to_json(str(staging / name / "trainer_state.json"))
-            # TrainingArguments as a pickle: nothing reads it back (the run's config.yaml says it all), and
-            # a checkpoint should hold no file that loading could turn into code.
-            (staging / name / "training_args.bin").unlink(missing_ok=True)
-            publish_checkpoint(staging / name, real / name)
-            shutil.rmtree(staging, ignore_errors=True)
+            distributed.barrier()
+            if distributed.is_main():
+                self.state.save_to_json(str(staging / name / "trainer_state.json"))
+                # TrainingArguments as a pickle: nothing reads it back (the run's config.yaml says it all),
+                # and a checkpoint should hold no file that loading could turn into code.
+                (staging / name / "training_args.bin").unlink(missing_ok=True)
+                self._save_extra_state(staging / name)
+                publish_checkpoint(staging / name, real / name)
+                shutil.rmtree(staging, ignore_errors=True)
+            distributed.barrier()
+
+        def _save_extra_state(self, folder: Path) -> None:
+            """A streamed training set's position (data/packing.py), so --resume continues the stream
+            where this step left it instead of replaying it."""
+            position_state = getattr(self.train_dataset, "position_state", None)
+            if position_state is None:
+                return
+            consumed = (self.state.global_step * self.args.per_device_train_batch_size
+                        * self.args.gradient_accumulation_steps * self.args.world_size)
+            (folder / STREAM_STATE).write_text(json.dumps(position_state(consumed)), encoding="utf-8")
 
     Reliable.__name__ = Reliable.__qualname__ = trainer_class.__name__
     return Reliable
+
+
+def is_causal_lm(model) -> bool:
+    """Whether the (LoRA-wrapped) model is a causal LM, whose loss honours `num_items_in_batch`."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return type(base).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
 
 
 class LmtuneTrainer(Trainer):
@@ -224,6 +259,17 @@ class LmtuneTrainer(Trainer):
 
     def __init__(self, *args, keytoken_ids: list[int] | None = None, keytoken_alpha: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
+        if not is_causal_lm(self.model):
+            # Transformers 5 sees `**kwargs` in every model's forward and so assumes the loss is summed over
+            # `num_items_in_batch`: it then skips the division by gradient-accumulation steps and multiplies
+            # by the number of processes. The classification, QA and masked-LM heads ignore it and return a
+            # per-batch mean, so their loss (and gradient) came out accumulation-steps x processes too big.
+            self.model_accepts_loss_kwargs = False
+        elif not getattr(self.model.config, "is_encoder_decoder", False):
+            # A causal LM predicts T - 1 tokens of a T-token row. Transformers counts the targets that way
+            # only when the model names its loss type; a GPT-2 built from a config has none, so the loss it
+            # logged (and scaled the gradient with) was (T - 1) / T of the mean, 31/32 at block size 32.
+            self._loss_shifts_labels = True
         self.keytoken_ids = torch.tensor(keytoken_ids or [], dtype=torch.long)
         self.keytoken_alpha = keytoken_alpha
         if keytoken_ids:
