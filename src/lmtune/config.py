@@ -76,6 +76,9 @@ class DataConfig(Section):
     )
     max_train_blocks: int | None = Field(None, gt=0, description="A seeded random subset of training blocks.")
     max_validation_blocks: int | None = Field(None, gt=0)
+    shuffle_buffer: int = Field(
+        8192, ge=0, description="Streaming (data.train.streaming): blocks are shuffled in windows of this many, "
+        "seeded by training.seed and the epoch (files are read in a shuffled order too); 0 keeps the stream's order.")
 
 
 CAUSAL_ARCHITECTURES = ("gpt2", "llama")

@@ -179,8 +179,10 @@ def _weights(run) -> dict:
     return load_file(str(run / "model" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("task", ["clm", "mlm"])
+@pytest.mark.parametrize("task", ["clm", "mlm", "clm-stream"])
 def test_a_run_killed_at_a_random_step_and_resumed_ends_bitwise_identical(tmp_path, task):
+    """clm-stream: a streamed corpus with a shuffle window of 24 blocks continues from the position its
+    checkpoint saved (not by re-reading the stream), in the window's shuffled order."""
     import random as stdlib_random
     import signal
     import time
@@ -194,6 +196,12 @@ def test_a_run_killed_at_a_random_step_and_resumed_ends_bitwise_identical(tmp_pa
         data.write_text("\n".join(json.dumps({"text": d}) for d in make_documents(200, seed=7)) + "\n")
         recipe = tiny_recipe(tmp_path, data, **{"training.save_steps": 1, "training.max_steps": 16,
                                                 "training.logging_steps": 1, "generation.prompts": []})
+    elif task == "clm-stream":
+        data.write_text("\n".join(json.dumps({"text": d}) for d in make_documents(200, seed=7)) + "\n")
+        recipe = tiny_recipe(tmp_path, data, **{
+            "training.save_steps": 1, "training.max_steps": 16, "training.logging_steps": 1,
+            "generation.prompts": [], "data.train": {"path": str(data), "streaming": True},
+            "data.validation": {"path": str(data), "max_documents": 20}, "data.shuffle_buffer": 24})
     else:  # random masking and dropout: the RNG state must come back too
         data.write_text("\n".join(json.dumps({"text": d}) for d in topic_documents(200, seed=5)) + "\n")
         recipe = tmp_path / "mlm.yaml"
@@ -220,6 +228,9 @@ def test_a_run_killed_at_a_random_step_and_resumed_ends_bitwise_identical(tmp_pa
     assert "resuming from" in err
     resumed_from = int(err.split("resuming from")[1].split("checkpoint-")[1].split()[0])
     assert resumed_from >= kill_after, (kill_after, err)
+    if task == "clm-stream":
+        assert (tmp_path / "killed" / "checkpoints" / f"checkpoint-16" / "stream_position.json").is_file()
+        assert "read again from its start" not in err
 
     assert _losses(run) == _losses(whole) and len(_losses(whole)) == 16
     got, expected = _weights(run), _weights(whole)

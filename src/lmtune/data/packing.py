@@ -10,20 +10,32 @@ Written with numpy rather than ``datasets.map``: the tutorial's ``sum(lists, [])
 ``map`` pass writes every intermediate list to Arrow; here the token ids go once into one int32 array
 and blocks are a reshape (or a single fancy-index) of it. Results are cached as ``.npy`` files keyed
 by the corpus content, the tokenizer and the packing settings, and memory-mapped on a re-run.
+
+Streaming (`positioned_blocks`, `StreamingBlockDataset`): the same packing a batch of documents at a
+time, every block knowing the document and token it starts at, shuffled in windows of blocks and
+resumable at any block without tokenizing what came before.
 """
 
 from __future__ import annotations
 
+import bisect
+import copy
 import hashlib
 import itertools
 import json
+import logging
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+
+from lmtune.errors import InputError
+
+log = logging.getLogger("lmtune")
 
 CACHE_VERSION = "1"
 TOKENIZE_BATCH = 1024
@@ -228,26 +240,101 @@ def prepare_blocks(
     return blocks, info
 
 
+STREAM_BATCH_DOCS = 256  # documents tokenized together on the streaming path
+STREAM_BATCH_CHARS = 4_000_000
+
+
+def _doc_batches(docs: Iterable[tuple[Any, str]], max_docs: int, max_chars: int) -> Iterator[list[tuple[Any, str]]]:
+    batch: list[tuple[Any, str]] = []
+    chars = 0
+    for item in docs:
+        batch.append(item)
+        chars += len(item[1])
+        if len(batch) >= max_docs or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def positioned_blocks(docs: Iterable[tuple[Any, str]], tokenizer, block_size: int, mode: str, skip_tokens: int = 0,
+                      batch_docs: int = STREAM_BATCH_DOCS, batch_chars: int = STREAM_BATCH_CHARS
+                      ) -> Iterator[tuple[np.ndarray, Callable[[int], tuple[Any, int] | None]]]:
+    """Blocks from a stream of ``(position, text)`` documents, tokenized a batch at a time, each block
+    knowing where it starts. Yields, per batch, ``(blocks, where)``: ``blocks`` an int32
+    ``[m, block_size]`` array (``m`` may be 0) and ``where(i)`` the start of block ``i`` as
+    ``(position of its document, token offset in that document)``, the offset counting the
+    document's ids (and, in concat mode, its EOS); ``where(m)`` is the next block's start when its
+    first token is already read, else None.
+
+    ``skip_tokens`` drops that many tokens from the first document, so that restarting at a block's
+    ``where`` continues exactly as the uninterrupted stream. Blocks equal the in-memory `pack` of
+    the same documents (concat carries the unfinished tail from one batch to the next)."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, not {block_size}")
+    if mode not in ("concat", "overflow"):
+        raise ValueError(f"unknown packing mode {mode!r}; use 'concat' or 'overflow'")
+    eos = tokenizer.eos_token_id
+    if mode == "concat" and eos is None:
+        raise ValueError("concat packing needs an EOS token id")
+    size = block_size
+    carry = np.empty(0, dtype=np.int32)
+    carry_pos: list = []  # positions of the documents the carried tokens come from
+    carry_start = np.empty(0, dtype=np.int64)  # where each starts, relative to the carry (<= 0 for the first)
+    skip = int(skip_tokens)
+    for batch in _doc_batches(docs, batch_docs, batch_chars):
+        positions = [pos for pos, _ in batch]
+        ids = list(tokenize_texts(tokenizer, [text for _, text in batch]))
+        if mode == "overflow":
+            if skip:
+                ids[0] = ids[0][skip:]
+            chunks = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) // size
+            ends = np.cumsum(chunks)
+            base = np.zeros(len(ids), dtype=np.int64)
+            base[0], skip = skip, 0
+
+            def where(i, positions=positions, chunks=chunks, ends=ends, base=base):
+                if i >= ends[-1]:
+                    return None
+                j = int(np.searchsorted(ends, i, side="right"))
+                return positions[j], int(base[j] + (i - (ends[j] - chunks[j])) * size)
+
+            yield pack_overflow(ids, size), where
+            continue
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 1
+        joined = concat_with_eos(ids, eos)
+        starts = np.cumsum(lengths) - lengths - skip + len(carry)
+        if skip:
+            joined, skip = joined[skip:], 0
+        stream = np.concatenate([carry, joined]) if len(carry) else joined
+        doc_pos = carry_pos + positions
+        doc_start = np.concatenate([carry_start, starts])
+        n_blocks = len(stream) // size
+
+        def where(i, doc_pos=doc_pos, doc_start=doc_start, total=len(stream)):
+            t = i * size
+            if t >= total:
+                return None
+            j = int(np.searchsorted(doc_start, t, side="right")) - 1
+            return doc_pos[j], int(t - doc_start[j])
+
+        yield stream[: n_blocks * size].reshape(n_blocks, size), where
+        cut = n_blocks * size
+        carry = stream[cut:].copy()
+        if len(carry):
+            first = int(np.searchsorted(doc_start, cut, side="right")) - 1
+            carry_pos, carry_start = doc_pos[first:], doc_start[first:] - cut
+        else:
+            carry_pos, carry_start = [], np.empty(0, dtype=np.int64)
+
+
 def stream_blocks(texts: Iterable[str], tokenizer, block_size: int, mode: str,
-                  batch_docs: int = 256) -> Iterator[np.ndarray]:
+                  batch_docs: int = STREAM_BATCH_DOCS) -> Iterator[np.ndarray]:
     """Blocks produced on the fly from a document stream, in bounded memory; the concat mode carries
     the unfinished tail of one batch of documents into the next, so blocks equal the in-memory ones."""
-    carry = np.empty(0, dtype=np.int32)
-    eos = tokenizer.eos_token_id
-    it = iter(texts)
-    while True:
-        batch = list(itertools.islice(it, batch_docs))
-        if not batch:
-            return
-        token_lists = list(tokenize_texts(tokenizer, batch))
-        if mode == "concat":
-            stream = np.concatenate([carry, concat_with_eos(token_lists, eos)])
-            n_blocks = len(stream) // block_size
-            yield from stream[: n_blocks * block_size].reshape(n_blocks, block_size)
-            carry = stream[n_blocks * block_size :]
-        else:
-            yield from pack_overflow(token_lists, block_size)
-
+    docs = ((None, text) for text in texts)
+    for blocks, _ in positioned_blocks(docs, tokenizer, block_size, mode, batch_docs=batch_docs):
+        yield from blocks
 
 # --------------------------------------------------------------------------------------------------
 # Torch datasets over blocks
@@ -267,14 +354,206 @@ class BlockDataset(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": ids}
 
 
+DEFAULT_SHUFFLE_BUFFER = 8192
+INDEX_EVERY = 1024  # blocks between two resume points when the stream is not shuffled
+MAX_INDEX_ENTRIES = 4096  # resume points kept (the oldest are dropped): a few hundred bytes each
+STATE_FORMAT = "lmtune-stream/1"
+
+
 class StreamingBlockDataset(torch.utils.data.IterableDataset):
-    def __init__(self, make_texts, tokenizer, block_size: int, mode: str):
-        self.make_texts = make_texts  # a callable, so every epoch re-reads the stream from the start
+    """Causal-LM blocks made on the fly from a document stream: read, tokenized and packed a batch at
+    a time, shuffled in windows, repeated epoch after epoch, and resumable at any block.
+
+    ``stream`` is a `lmtune.data.streaming.DocumentStream` (files or a Hub stream, seekable), or a
+    callable returning an iterable of texts (each call reads from the start; resuming replays it).
+
+    Order. Epoch ``e`` packs the stream's documents (concat: the carried tail is dropped at the end of
+    the epoch, as in memory) and cuts the blocks into windows of ``shuffle_buffer`` blocks; window
+    ``w`` is emitted in the order of a permutation drawn from ``(seed, e, w)``. ``shuffle_buffer`` 0
+    keeps the stream's order. ``epochs`` None repeats forever (the Trainer's ``max_steps`` ends it).
+    Memory: one window (``shuffle_buffer x block_size`` int32) and one batch of documents, whatever
+    the corpus size.
+
+    Resuming. Blocks are counted from the start of the stream (epoch 0, block 0) across epochs.
+    Whenever a window starts, its first block's position (epoch, window, the document it starts in
+    and the token offset there) goes into a small index. `position_state(k)` returns the entry of the
+    window holding block ``k`` and ``k`` minus its first block; `resume_from(state)` makes the next
+    iteration re-read from that window's start (one window of tokenizing, not the prefix), rebuild
+    its permutation and skip the blocks already trained on. `position_state` depends only on ``k``,
+    not on how far the iterator has read ahead.
+
+    Read it in the main process: with DataLoader workers each would read the whole stream and the
+    index would live in a worker, so iterating inside a worker raises (``num_workers`` must be 0; the
+    Rust tokenizer already uses several threads)."""
+
+    def __init__(self, stream, tokenizer, block_size: int, mode: str, *, shuffle_buffer: int = 0, seed: int = 0,
+                 epochs: int | None = 1):
+        from lmtune.data.streaming import TextStream
+
+        if shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be 0 or more, not {shuffle_buffer}")
+        self.stream = stream if hasattr(stream, "documents") else TextStream(stream)
         self.tokenizer = tokenizer
         self.block_size = block_size
         self.mode = mode
+        self.shuffle = shuffle_buffer > 0
+        self.window = shuffle_buffer if shuffle_buffer > 0 else INDEX_EVERY
+        self.seed = seed
+        self.epochs = epochs
+        self.documents_tokenized = 0  # over this object's life (for tests and benchmarks)
+        self.blocks_read = 0
+        self._signature: str | None = None
+        self._set_start({"block": 0, "epoch": 0, "window": 0, "doc": None, "skip": 0}, 0)
+
+    # ----------------------------------------------------------------------------------------------
+    # The engine's API
+
+    def position_state(self, blocks_consumed: int) -> dict:
+        """What resumes the stream after ``blocks_consumed`` blocks were trained on (counted from the
+        start of the stream): small and JSON-serialisable. Call it in the process that iterates."""
+        k = int(blocks_consumed)
+        if k < 0:
+            raise ValueError(f"blocks_consumed must be 0 or more, not {k}")
+        i = bisect.bisect_right(self._keys, k) - 1
+        if i < 0:
+            raise ValueError(f"no resume point at or before block {k}; the earliest known is block {self._keys[0]}")
+        entry = self._index[self._keys[i]]
+        return {"format": STATE_FORMAT, "blocks": k, "skip_blocks": k - entry["block"], "entry": copy.deepcopy(entry),
+                "signature": self.signature()}
+
+    def resume_from(self, state: dict) -> None:
+        """The next iteration starts at the block `state` (from `position_state`) names."""
+        where = getattr(self.stream, "where", "data.train")
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or "entry" not in state:
+            raise InputError(f"{where}: the checkpoint's stream position is not one this version of lmtune "
+                             "wrote; start over with --overwrite.")
+        if state.get("signature") != self.signature():
+            raise InputError(f"{where}: the checkpoint's stream position was saved for other data or settings "
+                             "(the files, their sizes, the tokenizer, data.block_size, data.packing, "
+                             "data.shuffle_buffer or training.seed changed); resume with the same recipe and data, "
+                             "or start over with --overwrite.")
+        self._set_start(copy.deepcopy(state["entry"]), int(state["skip_blocks"]))
+
+    def signature(self) -> str:
+        """What decides the blocks and their order; a saved position only fits an equal signature."""
+        if self._signature is None:
+            parts = [STATE_FORMAT, self.stream.signature(), tokenizer_fingerprint(self.tokenizer),
+                     str(self.tokenizer.eos_token_id), str(self.block_size), self.mode, str(self.window),
+                     str(self.shuffle), str(self.seed if self.shuffle or self.stream.shuffle_files else 0)]
+            self._signature = hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+        return self._signature
+
+    # ----------------------------------------------------------------------------------------------
+    # Iterating
 
     def __iter__(self):
-        for block in stream_blocks(self.make_texts(), self.tokenizer, self.block_size, self.mode):
-            ids = torch.from_numpy(block.astype(np.int64))
-            yield {"input_ids": ids, "labels": ids}
+        if torch.utils.data.get_worker_info() is not None:
+            raise RuntimeError("StreamingBlockDataset is read in the main process (it keeps the stream's resume "
+                               "index there); use DataLoader num_workers=0 (training.dataloader_num_workers: 0).")
+        entry, skip = self._start
+        for epoch, window, blocks in self._windows(entry):
+            n = len(blocks)
+            if skip >= n:
+                skip -= n
+                continue
+            for j in self._order(epoch, window, n)[skip:]:
+                ids = torch.from_numpy(blocks[j].astype(np.int64))
+                yield {"input_ids": ids, "labels": ids}
+            skip = 0
+
+    def check_not_empty(self) -> None:
+        """Raise the usual sentence when the stream holds no full block (reads until the first one)."""
+        for blocks, _ in positioned_blocks(self.stream.documents(0), self.tokenizer, self.block_size, self.mode):
+            if len(blocks):
+                return
+        where = getattr(self.stream, "where", "data.train")
+        raise InputError(f"{where} yields no full block of {self.block_size} tokens; lower data.block_size or add "
+                         "text (or check the path, the text field and the keywords).")
+
+    def _order(self, epoch: int, window: int, n: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed % 2**32, epoch, window]).permutation(n)
+
+    def _set_start(self, entry: dict, skip: int) -> None:
+        self._start = (entry, skip)
+        self._index = {entry["block"]: entry}
+        self._keys = [entry["block"]]
+
+    def _record(self, block: int, epoch: int, window: int, doc: dict | None, skip: int) -> None:
+        if block in self._index:
+            return  # entries are a function of the stream: the one already there is as good
+        self._index[block] = {"block": int(block), "epoch": int(epoch), "window": int(window), "doc": doc,
+                              "skip": int(skip)}
+        bisect.insort(self._keys, block)
+        if len(self._keys) > MAX_INDEX_ENTRIES:
+            del self._index[self._keys.pop(0)]
+
+    def _record_start(self, block: int, epoch: int, window: int, start) -> None:
+        if block not in self._index:
+            pos, skip = start
+            self._record(block, epoch, window, self.stream.position(pos), skip)
+
+    def _counted(self, docs):
+        for item in docs:
+            self.documents_tokenized += 1
+            yield item
+
+    def _windows(self, entry: dict) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(epoch, window, blocks in stream order) from the window `entry` starts on. A window is handed
+        out once the next one's first block position is in the index, so that `position_state` finds
+        the exact window for any block handed out."""
+        size, epoch, window, block = self.window, int(entry["epoch"]), int(entry["window"]), int(entry["block"])
+        doc, skip = entry["doc"], int(entry["skip"])
+        where = getattr(self.stream, "where", "data.train")
+        while self.epochs is None or epoch < self.epochs:
+            fresh = doc is None
+            parts: list[np.ndarray] = []
+            n = produced = 0
+            full = None  # a complete window waiting for the next one's start
+            docs = self._counted(self.stream.documents(epoch, doc))
+            for blocks, start_of in positioned_blocks(docs, self.tokenizer, self.block_size, self.mode, skip):
+                i, m = 0, len(blocks)
+                produced += m
+                self.blocks_read += m
+                while i < m:
+                    if n == 0:
+                        self._record_start(block, epoch, window, start_of(i))
+                        if full is not None:
+                            yield full
+                            full = None
+                    take = min(size - n, m - i)
+                    parts.append(blocks[i : i + take])
+                    n += take
+                    i += take
+                    if n == size:
+                        full = (epoch, window, _stack(parts))
+                        parts, n = [], 0
+                        block += size
+                        window += 1
+                        following = start_of(i)
+                        if following is not None:
+                            self._record_start(block, epoch, window, following)
+                            yield full
+                            full = None
+            tail = (epoch, window, _stack(parts)) if n else None
+            block += n
+            self._record(block, epoch + 1, 0, None, 0)  # the next epoch starts at its beginning
+            if full is not None:
+                yield full
+            if tail is not None:
+                yield tail
+            if fresh:
+                if produced == 0:
+                    raise InputError(f"{where} yields no full block of {self.block_size} tokens; lower "
+                                     "data.block_size or add text (or check the path, the text field and the "
+                                     "keywords).")
+                stats = self.stream.stats
+                log.info("%s: epoch %d of the stream read: %s; %d blocks of %d tokens", where, epoch,
+                         stats.summary(where), produced, self.block_size)
+                self.stream.warn_undecodable()
+            epoch, window, doc, skip = epoch + 1, 0, None, 0
+
+
+def _stack(parts: list[np.ndarray]) -> np.ndarray:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)

@@ -20,11 +20,22 @@ from transformers import default_data_collator
 from lmtune import distributed
 from lmtune.config import RecipeConfig
 from lmtune.data.packing import BlockDataset, StreamingBlockDataset, prepare_blocks
-from lmtune.data.sources import Corpus, SourceStats, iter_documents, load_corpus
+from lmtune.data.sources import Corpus, load_corpus
+from lmtune.data.streaming import DocumentStream, first_bytes
 from lmtune.errors import InputError
 from lmtune.metrics import perplexity
 from lmtune.modeling import build_or_load, check_block_size
-from lmtune.tasks.common import Prepared, get_tokenizer, load_model_for, load_splits, seeded_subset
+from lmtune.tasks.common import (
+    Prepared,
+    cached_tokenizer,
+    context_length,
+    get_tokenizer,
+    load_model_for,
+    load_splits,
+    seeded_subset,
+    tokenizer_style,
+)
+from lmtune.tokenizer import train_tokenizer
 from lmtune.training.losses import keytoken_ids
 
 log = logging.getLogger("lmtune")
@@ -79,27 +90,67 @@ def prepare(cfg: RecipeConfig) -> Prepared:
                     collator=default_data_collator, trainer_kwargs=keytoken_kwargs(cfg, tokenizer))
 
 
-def prepare_streaming(cfg: RecipeConfig) -> Prepared:
-    """Training documents are read, tokenized and packed on the fly; only validation is materialised."""
+STREAM_TOKENIZER_BYTES = 100_000_000  # tokenizer.train on a stream, when tokenizer.max_training_bytes is unset
+
+
+def prepare_streaming(cfg: RecipeConfig, dataset_factory=None) -> Prepared:
+    """Training documents are read, tokenized, packed and shuffled on the fly (see
+    `StreamingBlockDataset`); only validation is materialised. A tokenizer to train learns from the
+    first `tokenizer.max_training_bytes` of the stream. `dataset_factory` stands in for the Hub
+    dataset of a Hub source (tests)."""
     if cfg.training.max_steps <= 0:
         raise InputError("data.train.streaming needs training.max_steps (a stream has no known length).")
     if cfg.data.validation is None:
         raise InputError("data.train.streaming needs a data.validation source (a stream cannot be split).")
-    if cfg.tokenizer.train:
-        raise InputError("data.train.streaming cannot train a tokenizer on the stream; train one first with "
-                         "`lmtune tokenizer train` and set model.tokenizer to it.")
+    if cfg.training.dataloader_num_workers:
+        raise InputError("data.train.streaming reads the stream in the main process (it keeps the resume position "
+                         "there); set training.dataloader_num_workers: 0.")
+    stream = DocumentStream(cfg.data.train, "data.train", seed=cfg.training.seed,
+                            shuffle_files=cfg.data.shuffle_buffer > 0, dataset_factory=dataset_factory)
+    stream.files()  # a missing path is reported before anything is read
     val = load_corpus(cfg.data.validation, "data.validation")
-    tokenizer = get_clm_tokenizer(cfg, None)
+    tokenizer = stream_tokenizer(cfg, stream) if cfg.tokenizer.train else get_clm_tokenizer(cfg, None)
     val_blocks = blocks_for(val, tokenizer, cfg, "data.validation")[: cfg.data.max_validation_blocks or None]
-
-    def texts():
-        return iter_documents(cfg.data.train, "data.train", SourceStats())
-
-    train = StreamingBlockDataset(texts, tokenizer, cfg.data.block_size, cfg.data.packing)
-    info = {"streaming": True, "validation_blocks": int(len(val_blocks)), "block_size": cfg.data.block_size}
+    train = StreamingBlockDataset(stream, tokenizer, cfg.data.block_size, cfg.data.packing,
+                                  shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.training.seed, epochs=None)
+    train.check_not_empty()
+    log.info("%s; shuffled in windows of %s blocks", stream.describe(), cfg.data.shuffle_buffer or "no")
+    info = {"streaming": True, "validation_blocks": int(len(val_blocks)), "block_size": cfg.data.block_size,
+            "shuffle_buffer": cfg.data.shuffle_buffer, "source": stream.describe()}
     val_blocks = np.asarray(val_blocks)
     return Prepared(tokenizer, train, val_blocks, info, eval_dataset=BlockDataset(val_blocks),
                     collator=default_data_collator, trainer_kwargs=keytoken_kwargs(cfg, tokenizer))
+
+
+def stream_tokenizer(cfg: RecipeConfig, stream: DocumentStream):
+    """A tokenizer trained on the first `tokenizer.max_training_bytes` (default 100 MB) of the stream's
+    first epoch, or the one trained earlier on the same files (cached by their paths, sizes and
+    modification times and the budget: hashing the contents would read the whole corpus)."""
+    tk = cfg.tokenizer
+    budget = tk.max_training_bytes
+    if budget is None:
+        budget = STREAM_TOKENIZER_BYTES
+        log.info("tokenizer: tokenizer.max_training_bytes is unset; training on the first %d MB of the stream",
+                 budget // 1_000_000)
+    style = tokenizer_style(cfg)
+    order = f"seed {stream.seed}" if stream.shuffle_files else "in order"
+
+    def train():
+        kind = "WordPiece" if style == "bert" else "byte-level BPE"
+        counts: dict = {}
+        tokenizer = train_tokenizer(first_bytes((text for _, text in stream.documents(0)), budget, counts),
+                                    tk.vocab_size, tk.min_frequency, None, model_max_length=context_length(cfg),
+                                    style=style)
+        log.info("tokenizer: trained %s, vocab %d, on the first %.1f MB of the stream (%d documents)", kind,
+                 tk.vocab_size, counts["bytes"] / 1e6, counts["documents"])
+        return tokenizer
+
+    tokenizer = cached_tokenizer(f"tok-stream1|{style}|{stream.signature(mtimes=True)}|{order}|{tk.vocab_size}|"
+                                 f"{tk.min_frequency}|{budget}|{context_length(cfg)}", train, "stream")
+    if tokenizer.eos_token_id is None and cfg.data.packing == "concat":
+        raise InputError("the trained tokenizer has no EOS token, which concat packing puts between documents; set "
+                         "data.packing: overflow.")
+    return tokenizer
 
 
 def keytoken_kwargs(cfg: RecipeConfig, tokenizer) -> dict:

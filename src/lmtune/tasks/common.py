@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,25 +98,18 @@ def context_length(cfg: RecipeConfig) -> int:
     return (fs.n_positions if fs and fs.n_positions else None) or sequence_length(cfg)
 
 
-def trained_tokenizer(cfg: RecipeConfig, corpus: Corpus):
-    """Train (or take from the cache) a tokenizer on the training documents."""
+def cached_tokenizer(key_text: str, train: Callable[[], Any], what: str):
+    """The tokenizer cached under `key_text`'s hash, or the one `train()` makes, then cached (written
+    aside and renamed into place, so a reader never sees half of it)."""
     from transformers import AutoTokenizer
 
-    tk = cfg.tokenizer
-    style = tokenizer_style(cfg)
-    key = hashlib.sha256(
-        f"tok2|{style}|{corpus.fingerprint}|{tk.vocab_size}|{tk.min_frequency}|{tk.max_training_bytes}|"
-        f"{context_length(cfg)}".encode()
-    ).hexdigest()[:24]
+    key = hashlib.sha256(key_text.encode()).hexdigest()[:24]
     cached = cache_root() / "tokenizers" / key
     if (cached / "tokenizer.json").is_file():
-        log.info("tokenizer: reusing the one trained earlier on this corpus (%s)", cached)
+        log.info("tokenizer: reusing the one trained earlier on this %s (%s)", what, cached)
         return AutoTokenizer.from_pretrained(str(cached))
-    kind = "WordPiece" if style == "bert" else "byte-level BPE"
-    log.info("tokenizer: training %s, vocab %d, on %d documents", kind, tk.vocab_size, len(corpus.texts))
-    tokenizer = train_tokenizer(corpus.texts, tk.vocab_size, tk.min_frequency, tk.max_training_bytes,
-                                model_max_length=context_length(cfg), style=style)
-    tmp = cached.with_name(key + ".tmp")
+    tokenizer = train()
+    tmp = cached.with_name(f"{key}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tokenizer.save_pretrained(str(tmp))
@@ -122,6 +117,21 @@ def trained_tokenizer(cfg: RecipeConfig, corpus: Corpus):
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)  # caching is an optimisation; training goes on
     return tokenizer
+
+
+def trained_tokenizer(cfg: RecipeConfig, corpus: Corpus):
+    """Train (or take from the cache) a tokenizer on the training documents."""
+    tk = cfg.tokenizer
+    style = tokenizer_style(cfg)
+
+    def train():
+        kind = "WordPiece" if style == "bert" else "byte-level BPE"
+        log.info("tokenizer: training %s, vocab %d, on %d documents", kind, tk.vocab_size, len(corpus.texts))
+        return train_tokenizer(corpus.texts, tk.vocab_size, tk.min_frequency, tk.max_training_bytes,
+                               model_max_length=context_length(cfg), style=style)
+
+    return cached_tokenizer(f"tok2|{style}|{corpus.fingerprint}|{tk.vocab_size}|{tk.min_frequency}|"
+                            f"{tk.max_training_bytes}|{context_length(cfg)}", train, "corpus")
 
 
 def get_tokenizer(cfg: RecipeConfig, train: Corpus | None):
