@@ -100,8 +100,10 @@ def recipe(world: Path, task: str, name: str, **changes) -> Path:
     return path
 
 
-def train_in_processes(world: Path, recipe_path: Path, run: Path, nproc: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+def train_in_processes(world: Path, recipe_path: Path, run: Path, nproc: int = 2,
+                       cache: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
+           **({"LMTUNE_CACHE": str(cache)} if cache else {})}
     return subprocess.run([sys.executable, "-m", "lmtune", "train", str(recipe_path), "--output", str(run),
                            "--nproc", str(nproc)], capture_output=True, text=True, env=env, timeout=600)
 
@@ -148,8 +150,12 @@ def test_two_processes_train_as_one_with_twice_the_batch(world, task):
     held_out = {"data.validation_fraction": 0.21}  # 63 of 301 documents or examples: odd shares
     assert main(["train", str(recipe(world, task, f"{task}-one", **{"training.batch_size": 8}, **held_out)),
                  "--output", str(one)]) == 0
-    result = train_in_processes(world, recipe(world, task, f"{task}-two", **held_out), two)
+    cache = world / f"cache-{task}"  # fresh: the main process fills it, the other reads it
+    result = train_in_processes(world, recipe(world, task, f"{task}-two", **held_out), two, cache=cache)
     assert result.returncode == 0, result.stderr[-3000:]
+    if task == "clm":  # one tokenizer, the train and validation blocks, nothing half-written
+        assert [p.suffix for p in (cache / "tokenizers").iterdir()] == [""]
+        assert sorted(p.suffix for p in (cache / "blocks").iterdir()) == [".npy", ".npy"]
     assert_written_once_and_checkpoints_complete(two)
     # Same examples per optimizer step; the gradient averaged over processes equals the big batch's.
     np.testing.assert_allclose(logged(two, "loss"), logged(one, "loss"), rtol=1e-4)
