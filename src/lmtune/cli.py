@@ -1,4 +1,4 @@
-"""`lmtune` verbs: train, eval, predict, export, tokenizer.
+"""`lmtune` verbs: train, eval, predict, report, preview, runs, export, tokenizer.
 
 Exit codes: 0 done; 2 the input is wrong (one sentence on stderr, no traceback); 1 a fault of ours
 (traceback printed and kept in the run's train.log); 130 interrupted.
@@ -223,6 +223,38 @@ def predict_qa(args) -> int:
     model, tokenizer = qa.load_for_inference(_model_dir(args.run))
     for result in qa.answer_questions(model, tokenizer, _qa_pairs(args), settings):
         print(json.dumps(result, ensure_ascii=False))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from lmtune.report import write_report
+
+    run = Path(args.run)
+    if not run.is_dir() or not ((run / "config.yaml").is_file() or (run / "metrics.json").is_file()):
+        raise InputError(f"'{run}' is not a run dir (no config.yaml); give a folder under runs/ (or its "
+                         ".<name>.partial folder).")
+    path = write_report(run, Path(args.out) if args.out else None)
+    print(json.dumps({"report": str(path)}))
+    return 0
+
+
+def cmd_preview(args) -> int:
+    from lmtune.config import load_recipe
+    from lmtune.preview import render_preview
+
+    cfg = load_recipe(args.recipe, args.set)
+    print(render_preview(cfg, args.n, color=sys.stdout.isatty() and not args.no_color))
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from lmtune.runs import list_runs, render_runs_table
+
+    root = Path(args.dir)
+    if not root.is_dir():
+        raise InputError(f"'{root}' is not a folder; give the folder that holds the run dirs (default runs/).")
+    rows = list_runs(root)
+    print(json.dumps(rows, indent=2) if args.json else render_runs_table(rows))
     return 0
 
 
@@ -454,6 +486,23 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0)
     pr.set_defaults(func=cmd_predict)
 
+    rp = sub.add_parser("report", help="write a run's report.html (plots, metrics before/after, samples, config)")
+    rp.add_argument("run", help="a run dir (finished, or the .<name>.partial folder of one that stopped)")
+    rp.add_argument("--out", help="where to write the page (default: RUN/report.html)")
+    rp.set_defaults(func=cmd_report)
+
+    pv = sub.add_parser("preview", help="the first prepared examples as the model will see them, and data statistics")
+    pv.add_argument("recipe")
+    pv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
+    pv.add_argument("--n", type=int, default=5, help="examples to show (default 5)")
+    pv.add_argument("--no-color", action="store_true", help="plain text even on a terminal")
+    pv.set_defaults(func=cmd_preview)
+
+    rs = sub.add_parser("runs", help="a table of the runs in a folder: task, model, status, key metric, steps, time")
+    rs.add_argument("dir", nargs="?", default="runs")
+    rs.add_argument("--json", action="store_true", help="one JSON list instead of the table")
+    rs.set_defaults(func=cmd_runs)
+
     ex = sub.add_parser("export", help="write a run's model as a plain Hugging Face folder (LoRA: --merge)")
     ex.add_argument("run", help="a finished run dir")
     ex.add_argument("--out", required=True, help="the folder to write")
@@ -479,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_numbers(args) -> None:
     for name in ("block_size", "batch_size", "max_new_tokens", "num_return_sequences", "vocab_size", "max_blocks",
-                 "nproc"):
+                 "nproc", "n"):
         value = getattr(args, name, None)
         if value is not None and value <= 0:
             raise InputError(f"--{name.replace('_', '-')} must be positive (got {value}).")
@@ -504,6 +553,9 @@ def main(argv: list[str] | None = None) -> int:
         if _is_main_process():
             print(f"lmtune: error: {exc}.", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `lmtune runs | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("lmtune: interrupted; continue a training run with `lmtune train RECIPE --resume`.", file=sys.stderr)
         return 130

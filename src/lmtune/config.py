@@ -305,6 +305,10 @@ class TrainingConfig(Section):
         False, description="Recompute activations in the backward pass (gradient checkpointing): far less memory, more compute.")
     load_best_model_at_end: bool = Field(False, description="Keep the checkpoint with the best evaluation metric.")
     metric_for_best_model: str = Field("loss", description="An evaluation metric: loss, or the task's (accuracy, f1).")
+    report_to: Literal["auto", "none", "tensorboard"] = Field(
+        "auto", description="TensorBoard event files in the run dir's tensorboard/: auto when the package is installed.")
+    estimate_steps: int = Field(
+        3, ge=0, description="Timed forward/backward passes before training for the time and memory estimate (0: none).")
 
     @model_validator(mode="after")
     def _eval_steps(self) -> TrainingConfig:

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import time
 import uuid
 import warnings
@@ -117,6 +118,40 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def write_status(work: Path, state: str, **extra) -> None:
+    """status.json, what `lmtune runs` reads: running (with this process's id, so a run whose process
+    is gone shows as stopped), done, failed (and why) or interrupted."""
+    path = work / "status.json"
+    status = {}
+    if path.is_file():
+        try:
+            status = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            status = {}
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    status.update(state=state, pid=os.getpid(), host=socket.gethostname(), updated=now, **extra)
+    if state == "running":
+        status["started"] = now
+        status.pop("error", None)
+        status.pop("ended", None)
+    else:
+        status["ended"] = now
+    try:
+        write_json(path, status)
+    except OSError:
+        pass  # bookkeeping; the run's own outcome is what matters
+
+
+def write_report_quietly(work: Path) -> None:
+    """report.html; a page that cannot be drawn costs the page, never the run."""
+    try:
+        from lmtune.report import write_report
+
+        write_report(work)
+    except Exception as exc:  # noqa: BLE001 -- reported, not raised
+        log.warning("report.html could not be written (%s: %s)", type(exc).__name__, exc)
+
+
 class _RunLog:
     """Mirror the lmtune logger into the work dir's train.log while a run is active."""
 
@@ -158,6 +193,12 @@ def train(cfg: RecipeConfig, run_dir: Path, overwrite: bool = False, resume: boo
     if cfg.training.activation_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
         raise InputError(f"training.activation_checkpointing: {type(model).__name__} does not support it; "
                          "set it to false.")
+    if cfg.training.report_to == "tensorboard":
+        from lmtune.training.engine import tensorboard_installed
+
+        if not tensorboard_installed():
+            raise InputError("training.report_to: tensorboard is not installed; pip install 'lmtune[tensorboard]' "
+                             "(or tensorboard), or set it to auto or none.")
     model = apply_training_mode(model, cfg.training.mode, cfg.lora, cfg.task)
     params = {"mode": cfg.training.mode, **count_parameters(model)}
     log.info(describe_parameters(params))
@@ -165,35 +206,46 @@ def train(cfg: RecipeConfig, run_dir: Path, overwrite: bool = False, resume: boo
     timings["prepare_peak_rss_mb"] = peak_rss_mb()
 
     work = partial_dir(run_dir)
-    if distributed.is_main():
+    main = distributed.is_main()
+    if main:
         work = open_work_dir(run_dir, overwrite, resume)
+        write_status(work, "running", processes=distributed.world_size())
     distributed.barrier()
-    with _RunLog(work / "train.log") if distributed.is_main() else contextlib.nullcontext():
+    with _RunLog(work / "train.log") if main else contextlib.nullcontext():
         try:
             _train_in(work, cfg, task, prepared, model, precision, resume, timings, t0, params)
-        except NonFiniteError as exc:
-            good = newest_complete_checkpoint(work / "checkpoints")
-            message = (f"training stopped: {exc}, and was not applied to the weights; the last good checkpoint is "
-                       f"{good if good else 'none (none was saved yet)'}; lower training.learning_rate or set "
-                       "training.max_grad_norm, then run again with --resume or --overwrite")
-            log.error("%s", message)
-            raise NonFiniteError(message) from None
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            message = (f"the disk is full: writing into {work} failed ({exc.strerror}); the checkpoints saved so "
-                       "far are intact; free space and run again with --resume")
-            log.error("%s", message)
-            raise StorageError(message) from None
         except BaseException as exc:
-            log.error("run stopped (%s); what it wrote is kept in %s; continue it with --resume",
-                      type(exc).__name__, work,
-                      exc_info=not isinstance(exc, KeyboardInterrupt | InputError | StoppedBySignal | StorageError))
-            raise
-    if distributed.is_main():
+            if main:
+                interrupted = isinstance(exc, KeyboardInterrupt | StoppedBySignal)
+                write_status(work, "interrupted" if interrupted else "failed",
+                             error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500])
+                write_report_quietly(work)
+            _explain_stop(exc, work)
+    if main:
+        write_status(work, "done")
+        write_report_quietly(work)
         publish(work, run_dir)
     distributed.barrier()
     return run_dir
+
+
+def _explain_stop(exc: BaseException, work: Path) -> None:
+    """Log why the run stopped, then raise what the CLI turns into an exit code."""
+    if isinstance(exc, NonFiniteError):
+        good = newest_complete_checkpoint(work / "checkpoints")
+        message = (f"training stopped: {exc}, and was not applied to the weights; the last good checkpoint is "
+                   f"{good if good else 'none (none was saved yet)'}; lower training.learning_rate or set "
+                   "training.max_grad_norm, then run again with --resume or --overwrite")
+        log.error("%s", message)
+        raise NonFiniteError(message) from None
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        message = (f"the disk is full: writing into {work} failed ({exc.strerror}); the checkpoints saved so "
+                   "far are intact; free space and run again with --resume")
+        log.error("%s", message)
+        raise StorageError(message) from None
+    log.error("run stopped (%s); what it wrote is kept in %s; continue it with --resume", type(exc).__name__, work,
+              exc_info=not isinstance(exc, KeyboardInterrupt | InputError | StoppedBySignal | StorageError))
+    raise exc
 
 
 def train_chain(recipe: str | Path, overrides: list[str] | None = None, output: str | Path | None = None,
@@ -271,6 +323,7 @@ def _train_in(work: Path, cfg: RecipeConfig, task, prepared, model, precision, r
         PlainProgressCallback,
         StopOnSignal,
         reliable,
+        tensorboard_callback,
         training_arguments,
     )
 
@@ -303,11 +356,21 @@ def _train_in(work: Path, cfg: RecipeConfig, task, prepared, model, precision, r
     )
     if args.disable_tqdm:
         trainer.remove_callback(PrinterCallback)  # ours prints the same, one readable line per step
+    board = tensorboard_callback(cfg.training.report_to, work / "tensorboard") if main else None
+    if board is not None:
+        trainer.add_callback(board)
     checkpoint = newest_complete_checkpoint(work / "checkpoints") if resume else None
     if resume:
         log.info("resuming from %s", checkpoint if checkpoint else "the start (no complete checkpoint found)")
     if checkpoint is not None and hasattr(prepared.train, "resume_from"):
         continue_stream(prepared.train, checkpoint, trainer)
+    from lmtune.estimate import PaceCallback, estimate_before_training
+
+    # Timed passes only on a fresh start: a resumed run's model already differs from its first batches' story.
+    estimate = estimate_before_training(trainer, params, cfg.training.estimate_steps if checkpoint is None else 0)
+    if main:
+        write_json(work / "estimate.json", estimate)
+    trainer.add_callback(PaceCallback(work / "estimate.json", estimate))
     t = time.time()
     reset_peak_rss()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

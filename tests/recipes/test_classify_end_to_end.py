@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from lmtune.cli import main
 
 from ..conftest import with_changes
+from ..unit.test_report import assert_report
 
 FILLER = "the model reads data and trains a small network on text so loss goes down while the tokenizer".split()
 KEYWORDS = {"pos": ["excellent", "wonderful"], "neg": ["awful", "terrible"]}
@@ -140,6 +141,11 @@ def test_full_fine_tuning_learns_and_keeps_the_best_checkpoint(full_run):
     config = json.loads((run / "model" / "config.json").read_text())
     assert config["id2label"] == {"0": "neg", "1": "pos"} and config["label2id"] == {"neg": 0, "pos": 1}
     assert metrics["data"]["train_label_counts"]["neg"] + metrics["data"]["train_label_counts"]["pos"] == 600
+    # loss, learning rate, throughput, gradient norm, two confusion matrices, the periodic eval accuracy / F1
+    page = assert_report(run, ["accuracy", "f1"], "the model is excellent", "awful network", plots=8)
+    (neg_neg, neg_pos), _ = metrics["after"]["confusion_matrix"]
+    assert f"<td><b>neg</b></td><td class=n>{neg_neg}</td><td class=n>{neg_pos}</td>" in page
+    assert 'alt="confusion matrix after training"' in page and 'alt="eval_accuracy by step"' in page
 
 
 def test_head_mode_trains_the_new_head_and_leaves_the_body_bitwise_unchanged(head_run, body):

@@ -15,6 +15,7 @@ import yaml
 from lmtune.cli import main
 
 from ..conftest import make_documents
+from ..unit.test_report import assert_report
 
 
 def tree_digest(root):
@@ -77,6 +78,9 @@ def test_perplexity_falls_and_run_dir_is_complete(trained):
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert metrics["steps"] == 60 and metrics["parameters"]["total"] > 0
     assert [s["prompt"] for s in metrics["samples"]] == ["the model", "import numpy"]
+    page = assert_report(run, ["perplexity", "loss"], "the model", "import numpy",
+                         metrics["samples"][0]["completions"][0])
+    assert 'alt="throughput in tokens/s by step"' in page  # the Trainer counts the input tokens
 
 
 def test_plain_pipeline_loads_the_saved_model(trained):

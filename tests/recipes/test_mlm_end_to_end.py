@@ -8,12 +8,12 @@ import json
 import random
 
 import pytest
-import torch
 import yaml
 
 from lmtune.cli import main
 
 from ..conftest import assert_one_sentence, with_changes
+from ..unit.test_report import assert_report
 
 # Four topics, each a cycle of six words; a document walks one topic's cycle from a random start. A
 # masked word is predictable from its context (the topic, then the neighbours), while a model that
@@ -103,6 +103,8 @@ def test_perplexity_falls_and_the_run_dir_is_complete(bert_run):
     [sample] = metrics["samples"]
     assert sample["prompt"] == "alpha beta [MASK] delta epsilon" and len(sample["fills"][0]) == 5
     assert TOPIC_OF.get(sample["fills"][0][0]["token"]) == "greek", sample
+    assert_report(bert_run, ["perplexity", "loss"], "alpha beta [MASK] delta epsilon",
+                  sample["fills"][0][0]["sequence"])
 
 
 def test_plain_pipeline_fills_the_mask(bert_run):

@@ -28,6 +28,7 @@ from lmtune.tasks.preference import (
 )
 
 from ..conftest import assert_one_sentence, save_tiny_gpt2, with_changes
+from ..unit.test_report import assert_report
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -238,6 +239,8 @@ def test_reward_model_learns_the_preference_on_held_out_pairs(reward_run, capsys
     assert before["accuracy"] < 0.75 and after["accuracy"] >= 0.95 and after["margin"] > 1, (before, after)
     [sample] = after["samples"]
     assert sample["reward_chosen"] > sample["reward_rejected"]
+    page = assert_report(run, ["accuracy", "margin"], "Sure, thank you.", "No, stupid.")
+    assert "prefers chosen ✓" in page and 'alt="reward by step"' in page  # TRL's min / mean / max reward
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(run / "model"))
@@ -256,6 +259,8 @@ def test_dpo_raises_the_margin_of_chosen_over_rejected(world, capsys):
     before, after = metrics["before"], metrics["after"]
     assert before["reward_margin"] == 0 and after["reward_margin"] > 1 and after["reward_accuracy"] >= 0.95
     assert after["logp_margin"] > before["logp_margin"] + 10, (before, after)
+    page = assert_report(run, ["reward_accuracy", "reward_margin", "logp_margin"], "Human: can you help me?")
+    assert 'alt="rewards by step"' in page  # TRL's implicit rewards of chosen and rejected
     capsys.readouterr()
     assert main(["predict", str(run), "\n\nHuman: can you help me?\n\nAssistant:", "--max-new-tokens", "4"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -281,6 +286,8 @@ def test_rl_against_the_reward_model_raises_mean_reward(world, reward_run, mixed
     before, after = metrics["before"], metrics["after"]
     assert after["mean_reward"] > before["mean_reward"] + 1, (before, after)
     assert metrics["data"]["algorithm"] == algorithm
+    assert_report(run, ["mean_reward", "reward_std"], "A completion sampled during evaluation",
+                  after["example"]["completion"])
 
 
 def test_rl_scores_text_with_a_reward_model_of_another_tokenizer(world, tmp_path):

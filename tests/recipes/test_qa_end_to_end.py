@@ -15,6 +15,7 @@ import yaml
 from lmtune.cli import main
 
 from ..conftest import with_changes
+from ..unit.test_report import assert_report
 
 FILLER = "the model reads data and trains a small network on text so loss goes down while the tokenizer".split()
 FACTS = {  # kind: (values, question template, sentence template)
@@ -98,6 +99,8 @@ def test_f1_rises_far_above_the_untrained_model(qa_run):
     assert set(sample) == {"question", "answer", "score", "start", "end"}
     config = json.loads((qa_run / "model" / "config.json").read_text())
     assert config["architectures"] == ["BertForQuestionAnswering"]
+    page = assert_report(qa_run, ["exact_match", "f1"], "Which fruit does the owl like?")
+    assert f"{before['questions']} questions" in page and "answer · score" in page
 
 
 def test_validation_articles_are_not_trained_on(qa_run, data):

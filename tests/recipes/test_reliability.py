@@ -56,8 +56,10 @@ def poison(model, kind: str, from_call: int):
 def test_a_non_finite_value_stops_before_the_optimizer_step_and_keeps_the_checkpoint(
         tmp_path, kind, words, capsys, monkeypatch):
     data = docs_file(tmp_path)
+    # estimate_steps 0: the poison counts training forwards, and the estimate's timed passes are some
     recipe = tiny_recipe(tmp_path, data, **{"training.save_steps": 2, "training.max_steps": 10,
-                                            "loss.type": "cross_entropy", "generation.prompts": []})
+                                            "loss.type": "cross_entropy", "generation.prompts": [],
+                                            "training.estimate_steps": 0})
     build, captured = clm.build_model, {}
 
     def build_poisoned(*args, **kwargs):
@@ -229,7 +231,7 @@ def test_a_run_killed_at_a_random_step_and_resumed_ends_bitwise_identical(tmp_pa
     resumed_from = int(err.split("resuming from")[1].split("checkpoint-")[1].split()[0])
     assert resumed_from >= kill_after, (kill_after, err)
     if task == "clm-stream":
-        assert (tmp_path / "killed" / "checkpoints" / f"checkpoint-16" / "stream_position.json").is_file()
+        assert (tmp_path / "killed" / "checkpoints" / "checkpoint-16" / "stream_position.json").is_file()
         assert "read again from its start" not in err
 
     assert _losses(run) == _losses(whole) and len(_losses(whole)) == 16

@@ -7,7 +7,6 @@ import json
 import random
 
 import pytest
-import torch
 import yaml
 
 from lmtune.cli import main
@@ -25,6 +24,7 @@ from lmtune.tasks.sft import (
 )
 
 from ..conftest import save_tiny_gpt2, with_changes
+from ..unit.test_report import assert_report
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -151,7 +151,7 @@ def sft_run(world):
 
 
 def test_tuned_model_answers_and_stops_at_eos(sft_run):
-    _, metrics = sft_run
+    run, metrics = sft_run
     before, after = metrics["before"], metrics["after"]
     assert after["perplexity"] < 1.5 < 50 < before["perplexity"]
     assert before["response_tokens"] == after["response_tokens"] > 100
@@ -159,6 +159,8 @@ def test_tuned_model_answers_and_stops_at_eos(sft_run):
     assert [(s["response"], s["stopped_at_eos"]) for s in after["samples"]] == [
         ("The owl is green.", True), ("The bear is brown.", True)]
     assert metrics["data"]["example"]["prompt"].startswith("Please answer the following question.\nQ: What is")
+    page = assert_report(run, ["perplexity", "loss"], "The owl is green.", "The bear is brown.")
+    assert "before training · hit the token limit" in page and "after training · stopped at EOS" in page
 
 
 def test_predict_uses_the_runs_template(sft_run, capsys):

@@ -95,11 +95,17 @@ def _batches(texts: Sequence[str], max_docs: int, max_chars: int) -> Iterator[li
 
 
 def tokenize_texts(tokenizer, texts: Sequence[str], batch_size: int = TOKENIZE_BATCH,
-                   max_batch_chars: int = TOKENIZE_BATCH_CHARS) -> Iterator[list[int]]:
+                   max_batch_chars: int = TOKENIZE_BATCH_CHARS, desc: str | None = None) -> Iterator[list[int]]:
     """Token ids per document, without special tokens. Calls the Rust tokenizer's batch encoder
-    directly: the Python tokenizer wrapper adds per-call overhead and length warnings we don't want."""
+    directly: the Python tokenizer wrapper adds per-call overhead and length warnings we don't want.
+    `desc`: show progress (documents) under that name."""
+    from lmtune.progress import progress
+
     backend = _fast_backend(tokenizer)
-    for batch in _batches(texts, batch_size, max_batch_chars):
+    batches = _batches(texts, batch_size, max_batch_chars)
+    if desc:
+        batches = progress(batches, desc, total=len(texts), unit="docs", weight=len)
+    for batch in batches:
         if backend is not None:
             encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
             for enc in encode(batch, add_special_tokens=False):
@@ -108,10 +114,10 @@ def tokenize_texts(tokenizer, texts: Sequence[str], batch_size: int = TOKENIZE_B
             yield from tokenizer(batch, add_special_tokens=False)["input_ids"]
 
 
-def tokenize_to_arrays(tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
+def tokenize_to_arrays(tokenizer, texts: Sequence[str], desc: str | None = None) -> list[np.ndarray]:
     """`tokenize_texts` with each document's ids as an int32 array: a Python list of ints costs about
     36 bytes a token, the array 4 (1 GB against 280 MB peak on the demo corpus)."""
-    return [np.asarray(ids, dtype=np.int32) for ids in tokenize_texts(tokenizer, texts)]
+    return [np.asarray(ids, dtype=np.int32) for ids in tokenize_texts(tokenizer, texts, desc=desc)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,7 +228,7 @@ def prepare_blocks(
         if blocks is not None:
             return blocks, {"cached": True, "blocks": int(blocks.shape[0]), "cache_file": str(path)}
         path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt, never trusted
-    token_lists = tokenize_to_arrays(tokenizer, texts)
+    token_lists = tokenize_to_arrays(tokenizer, texts, desc="tokenizing")
     blocks = pack(token_lists, block_size, mode, tokenizer.eos_token_id)
     n_tokens = int(sum(len(t) for t in token_lists)) + (len(token_lists) if mode == "concat" else 0)
     info = {

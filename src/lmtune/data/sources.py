@@ -554,8 +554,10 @@ def warn_undecodable(stats: SourceStats, where: str) -> None:
 
 
 def load_corpus(src: SourceConfig, where: str) -> Corpus:
+    from lmtune.progress import progress
+
     stats = SourceStats()
-    texts = list(iter_documents(src, where, stats))
+    texts = list(progress(iter_documents(src, where, stats), f"{where}: reading", unit="docs"))
     warn_undecodable(stats, where)
     if not texts:
         why = " after the keyword filter" if stats.filtered_out else ""

@@ -26,6 +26,7 @@ from lmtune import distributed
 from lmtune.config import RecipeConfig, SourceConfig
 from lmtune.data.sources import load_records, required_field
 from lmtune.errors import InputError
+from lmtune.progress import progress
 from lmtune.modeling import build_or_load, check_pretrained_head, max_positions
 from lmtune.tasks.common import FeatureDataset, Prepared, get_tokenizer, load_model_for
 
@@ -350,7 +351,7 @@ def _example_logits(model, tokenizer, features: list[dict], batch_size: int) -> 
     device = next(model.parameters()).device
     out = np.zeros((len(features), model.config.num_labels), dtype=np.float32)
     order = np.argsort([len(f["input_ids"]) for f in features], kind="stable")
-    for b in range(0, len(order), batch_size):
+    for b in progress(range(0, len(order), batch_size), "evaluating", unit="batches"):
         idx = order[b : b + batch_size]
         batch = tokenizer.pad([features[i] for i in idx], return_tensors="pt")
         out[idx] = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu().numpy()

@@ -23,6 +23,7 @@ from lmtune.data.packing import BlockDataset, StreamingBlockDataset, prepare_blo
 from lmtune.data.sources import Corpus, load_corpus
 from lmtune.data.streaming import DocumentStream, first_bytes
 from lmtune.errors import InputError
+from lmtune.progress import on_terminal, progress
 from lmtune.metrics import perplexity
 from lmtune.modeling import build_or_load, check_block_size
 from lmtune.tasks.common import (
@@ -140,7 +141,7 @@ def stream_tokenizer(cfg: RecipeConfig, stream: DocumentStream):
         counts: dict = {}
         tokenizer = train_tokenizer(first_bytes((text for _, text in stream.documents(0)), budget, counts),
                                     tk.vocab_size, tk.min_frequency, None, model_max_length=context_length(cfg),
-                                    style=style)
+                                    style=style, show_progress=on_terminal())
         log.info("tokenizer: trained %s, vocab %d, on the first %.1f MB of the stream (%d documents)", kind,
                  tk.vocab_size, counts["bytes"] / 1e6, counts["documents"])
         return tokenizer
@@ -202,7 +203,7 @@ def evaluate(model, blocks: np.ndarray, batch_size: int = 16) -> dict:
     total_loss = 0.0
     total_tokens = 0
     mine = distributed.shard(len(blocks))
-    for start in range(mine.start, mine.stop, batch_size):
+    for start in progress(range(mine.start, mine.stop, batch_size), "evaluating", unit="batches"):
         ids = torch.as_tensor(np.asarray(blocks[start : min(start + batch_size, mine.stop)], dtype=np.int64),
                               device=device)
         logits = model(input_ids=ids).logits[:, :-1].float()

@@ -17,6 +17,7 @@ import torch
 from lmtune.config import RecipeConfig
 from lmtune.data.packing import cache_root
 from lmtune.data.sources import Corpus, SourceStats, fingerprint_texts, load_corpus, split_train_validation
+from lmtune.progress import on_terminal
 from lmtune.tokenizer import load_tokenizer, train_tokenizer
 
 log = logging.getLogger("lmtune")
@@ -128,7 +129,7 @@ def trained_tokenizer(cfg: RecipeConfig, corpus: Corpus):
         kind = "WordPiece" if style == "bert" else "byte-level BPE"
         log.info("tokenizer: training %s, vocab %d, on %d documents", kind, tk.vocab_size, len(corpus.texts))
         return train_tokenizer(corpus.texts, tk.vocab_size, tk.min_frequency, tk.max_training_bytes,
-                               model_max_length=context_length(cfg), style=style)
+                               model_max_length=context_length(cfg), style=style, show_progress=on_terminal())
 
     return cached_tokenizer(f"tok2|{style}|{corpus.fingerprint}|{tk.vocab_size}|{tk.min_frequency}|"
                             f"{tk.max_training_bytes}|{context_length(cfg)}", train, "corpus")

@@ -30,6 +30,7 @@ from lmtune.config import RecipeConfig
 from lmtune.data.packing import _fast_backend, cache_root, tokenizer_fingerprint
 from lmtune.data.sources import Corpus
 from lmtune.errors import InputError
+from lmtune.progress import progress
 from lmtune.metrics import perplexity
 from lmtune.modeling import build_or_load, check_pretrained_head, check_sequence_fits
 from lmtune.tasks.common import Prepared, get_tokenizer, load_model_for, load_splits, seeded_subset
@@ -283,7 +284,7 @@ def evaluate(model, masked: dict[str, torch.Tensor], batch_size: int = 32) -> di
     device = next(model.parameters()).device
     total, count = 0.0, 0
     mine = distributed.shard(len(masked["input_ids"]))  # each process its share; the sums are added up
-    for start in range(mine.start, mine.stop, batch_size):
+    for start in progress(range(mine.start, mine.stop, batch_size), "evaluating", unit="batches"):
         batch = {k: v[start : min(start + batch_size, mine.stop)].to(device) for k, v in masked.items()}
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()

@@ -38,6 +38,7 @@ from lmtune import distributed
 from lmtune.config import RecipeConfig, load_yaml, validate_recipe
 from lmtune.data.sources import load_records, required_field
 from lmtune.errors import InputError
+from lmtune.progress import progress
 from lmtune.hub import run_model_folder
 from lmtune.modeling import build_or_load, check_block_size, check_pretrained_head
 from lmtune.tasks.common import Prepared, get_tokenizer, load_model_for, seeded_subset
@@ -187,7 +188,7 @@ def score_ids(model, ids: list[list[int]], pad_id: int, batch_size: int = 16) ->
     device = next(model.parameters()).device
     scores = np.zeros(len(ids), dtype=np.float64)
     order = np.argsort([len(row) for row in ids], kind="stable")
-    for b in range(0, len(order), batch_size):
+    for b in progress(range(0, len(order), batch_size), "scoring", unit="batches"):
         rows = [ids[i] for i in order[b : b + batch_size]]
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -277,7 +278,7 @@ def reply_logps(model, features: list[dict], key: str, pad_id: int, batch_size: 
     device = next(model.parameters()).device
     out = np.zeros(len(features))
     order = np.argsort([len(f["prompt_ids"]) + len(f[key]) for f in features], kind="stable")
-    for b in range(0, len(order), batch_size):
+    for b in progress(range(0, len(order), batch_size), "scoring", unit="batches"):
         idx = order[b : b + batch_size]
         rows = [features[i]["prompt_ids"] + features[i][key] for i in idx]
         width = max(len(r) for r in rows)

@@ -28,6 +28,7 @@ from lmtune import distributed
 from lmtune.config import QAConfig, RecipeConfig, SourceConfig
 from lmtune.data.sources import Records, SourceStats, fingerprint_texts, load_records
 from lmtune.errors import InputError
+from lmtune.progress import progress
 from lmtune.metrics import squad_scores
 from lmtune.modeling import build_or_load, check_pretrained_head, check_sequence_fits
 from lmtune.tasks.common import FeatureDataset, Prepared, get_tokenizer, load_model_for, seeded_subset
@@ -326,7 +327,7 @@ def _window_logits(model, tokenizer, inputs: list[dict], max_length: int, batch_
     starts = np.full((n, max_length), -np.inf, dtype=np.float32)
     ends = np.full((n, max_length), -np.inf, dtype=np.float32)
     order = np.argsort([len(f["input_ids"]) for f in inputs], kind="stable")
-    for b in range(0, n, batch_size):
+    for b in progress(range(0, n, batch_size), "evaluating", unit="batches"):
         idx = order[b : b + batch_size]
         batch = tokenizer.pad([inputs[i] for i in idx], return_tensors="pt")
         out = model(**{k: v.to(device) for k, v in batch.items()})

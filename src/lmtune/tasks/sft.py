@@ -29,6 +29,7 @@ from lmtune import distributed
 from lmtune.config import RecipeConfig, SFTConfig
 from lmtune.data.sources import load_records, required_field
 from lmtune.errors import InputError
+from lmtune.progress import progress
 from lmtune.metrics import perplexity
 from lmtune.modeling import build_or_load, check_block_size, check_pretrained_head
 from lmtune.tasks.common import FeatureDataset, Prepared, get_tokenizer, load_model_for, seeded_subset
@@ -269,7 +270,7 @@ def evaluate(model, features: list[dict], pad_id: int, batch_size: int = 16) -> 
     order = np.argsort([len(f["input_ids"]) for f in features], kind="stable")
     mine = distributed.shard(len(order))  # each process its share of the (length-sorted) examples
     order = order[mine.start : mine.stop]
-    for b in range(0, len(order), batch_size):
+    for b in progress(range(0, len(order), batch_size), "evaluating", unit="batches"):
         batch = {k: v.to(device) for k, v in collate([features[i] for i in order[b : b + batch_size]]).items()}
         labels = batch.pop("labels")[:, 1:]
         logits = model(**batch).logits[:, :-1].float()

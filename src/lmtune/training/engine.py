@@ -84,7 +84,8 @@ def training_arguments(cfg: TrainingConfig, output_dir: Path, precision: str, ha
         activation_checkpointing=cfg.activation_checkpointing,
         # non-reentrant checkpointing passes gradients to adapters even when the frozen embeddings' output needs none
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.activation_checkpointing else None,
-        report_to="none",
+        report_to="none",  # TensorBoard, when asked for, is added by the pipeline (tensorboard_callback)
+        include_num_input_tokens_seen="all",  # throughput in tokens/s for the log and the report
         # Every parameter that trains takes part in the loss (frozen ones are skipped by DDP anyway); the
         # search for unused ones costs a graph traversal per step.
         ddp_find_unused_parameters=False,
@@ -99,6 +100,23 @@ def training_arguments(cfg: TrainingConfig, output_dir: Path, precision: str, ha
         if cfg.load_best_model_at_end else None,
         **extra,
     )
+
+
+def tensorboard_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def tensorboard_callback(choice: str, folder: Path):
+    """TensorBoard event files in `folder` (the run dir's tensorboard/) when training.report_to asks for
+    them, or is 'auto' and the `tensorboard` extra is installed; None otherwise."""
+    if choice == "none" or (choice == "auto" and not tensorboard_installed()):
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(folder)))
 
 
 class JsonlLogCallback(TrainerCallback):
