@@ -66,3 +66,12 @@ def run_recipe(repo, recipe: str, overrides: list[str]) -> tuple[dict, float, fl
             raise SystemExit(f"training failed with exit code {code}")
         metrics = json.loads((run / "metrics.json").read_text())
     return metrics, wall, usage.ru_maxrss / 1024
+
+
+def add_quiet_options(ap, unit: str = "run") -> None:
+    """The options every timing benchmark shares: threads, and re-running a disturbed `unit`."""
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
+    ap.add_argument("--max-interference", type=float, default=0.1,
+                    help=f"re-run a {unit} if other processes used more than this share of the CPUs (default 0.1)")
+    ap.add_argument("--retries", type=int, default=2, help=f"re-runs of a disturbed {unit} (default 2)")
+    ap.add_argument("--max-wait", type=float, default=120, help="seconds to wait for quiet before a re-run")

@@ -78,7 +78,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _machine import busy_seconds, own_cpu_seconds, status_kib, wait_until_quiet  # benchmarks/_machine.py
+from _machine import add_quiet_options, busy_seconds, own_cpu_seconds, status_kib, wait_until_quiet  # noqa: E501 benchmarks/_machine.py
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # never the Hub
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -480,11 +480,7 @@ def main() -> None:
     ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated, of fp32, bf16 (default both)")
     ap.add_argument("--repeats", type=int, default=3, help="fresh runs per side and precision; medians (default 3)")
     ap.add_argument("--max-documents", type=int, help="data.train.max_documents: the first N documents only")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads on both sides (default: torch's own)")
-    ap.add_argument("--max-interference", type=float, default=0.1,
-                    help="re-run a child if other processes used more than this share of the CPUs (default 0.1)")
-    ap.add_argument("--retries", type=int, default=2, help="re-runs of a disturbed child (default 2)")
-    ap.add_argument("--max-wait", type=float, default=120, help="seconds to wait for quiet before a re-run")
+    add_quiet_options(ap, "child")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke test: 15 steps (5 warm-up; bf16: 4, 2), 1 repeat, the first 60 documents")
     ap.add_argument("--child", help=argparse.SUPPRESS)

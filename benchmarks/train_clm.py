@@ -46,7 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _machine import busy_seconds, own_cpu_seconds, status_kib, wait_until_quiet  # benchmarks/_machine.py
+from _machine import add_quiet_options, busy_seconds, own_cpu_seconds, status_kib, wait_until_quiet  # noqa: E501 benchmarks/_machine.py
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # never the Hub
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -228,11 +228,7 @@ def main() -> None:
     ap.add_argument("--text-field", default="text")
     ap.add_argument("--txt-unit", default="file", choices=["file", "line", "paragraph"])
     ap.add_argument("--max-documents", type=int, help="data.train.max_documents: the first N documents only")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
-    ap.add_argument("--max-interference", type=float, default=0.1,
-                    help="re-run a variant if other processes used more than this share of the CPUs (default 0.1)")
-    ap.add_argument("--retries", type=int, default=2, help="re-runs of a disturbed variant (default 2)")
-    ap.add_argument("--max-wait", type=float, default=120, help="seconds to wait for quiet before a re-run")
+    add_quiet_options(ap, "variant")
     ap.add_argument("--quick", action="store_true",
                     help="15 steps (5 warm-up), fp32 and bf16-keytoken, the first 60 documents: about a minute")
     ap.add_argument("--child", help=argparse.SUPPRESS)
