@@ -307,6 +307,10 @@ class TrainingConfig(Section):
     metric_for_best_model: str = Field("loss", description="An evaluation metric: loss, or the task's (accuracy, f1).")
     report_to: Literal["auto", "none", "tensorboard"] = Field(
         "auto", description="TensorBoard event files in the run dir's tensorboard/: auto when the package is installed.")
+    fused_loss: bool = Field(
+        True, description="The training loss computed where it is needed: causal LMs from the last hidden states "
+        "in chunks, never holding the full-vocabulary logits; masked LMs with their output layer on the masked "
+        "positions only. Same result, faster, less memory; false: the model's own loss.")
     estimate_steps: int = Field(
         3, ge=0, description="Timed forward/backward passes before training for the time and memory estimate (0: none).")
 

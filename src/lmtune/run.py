@@ -353,6 +353,7 @@ def _train_in(work: Path, cfg: RecipeConfig, task, prepared, model, precision, r
         + ([PlainProgressCallback()] if args.disable_tqdm else []),
         **{k: v for k, v in optional.items() if v is not None},
         **prepared.trainer_kwargs,
+        **({} if prepared.trainer_class else {"fused_loss": cfg.training.fused_loss}),
     )
     if args.disable_tqdm:
         trainer.remove_callback(PrinterCallback)  # ours prints the same, one readable line per step

@@ -37,10 +37,8 @@ def poison(model, kind: str, from_call: int):
         calls["n"] += 1
         if calls["n"] < from_call:
             return output
-        if kind == "loss":
-            output.logits = output.logits * float("nan")
-            if output.loss is not None:
-                output.loss = output.loss * float("nan")
+        if kind == "loss":  # NaN hidden states: the fused loss reads them, the model's own loss their logits
+            output.last_hidden_state = output.last_hidden_state * float("nan")
         else:  # a finite loss whose backward overflows in one weight
             weight = module.get_input_embeddings().weight
             if not getattr(weight, "_poisoned", False):
@@ -48,7 +46,8 @@ def poison(model, kind: str, from_call: int):
                 weight._poisoned = True
         return output
 
-    model.register_forward_hook(forward_hook)
+    # On the decoder (GPT-2's `transformer`), whose output both the model's loss and the fused loss use.
+    model.transformer.register_forward_hook(forward_hook)
 
 
 @pytest.mark.parametrize("kind, words", [("loss", "the training loss became nan at step 4"),

@@ -74,10 +74,11 @@ def test_runs_lists_finished_failed_interrupted_and_running_runs(tmp_path, data,
         def hook(module, inputs, output):
             calls["n"] += module.training
             if calls["n"] >= 3 and module.training:
-                output.logits = output.logits * float("nan")
+                output.last_hidden_state = output.last_hidden_state * float("nan")
             return output
 
-        model.register_forward_hook(hook)
+        # on the decoder, whose hidden states both the model's loss and lmtune's fused loss read
+        model.transformer.register_forward_hook(hook)
         return model
 
     monkeypatch.setattr(clm, "build_model", build_poisoned)
