@@ -222,26 +222,55 @@ def evaluate(model, blocks: np.ndarray, batch_size: int = 16) -> dict:
 # Generation
 
 
+GENERATION_BATCH = 16  # prompts per generate call, grouped by length so that a batch pads little
+
+
+def new_tokens_that_fit(model, prompt_lengths: list[int], max_new_tokens: int) -> int:
+    """A model with learned positions (GPT-2) cannot go past its last one (generation would fail deep
+    inside the model): the new tokens are capped so that the longest prompt plus them fit, with a
+    warning; a prompt that leaves no room at all is refused."""
+    limit = getattr(model.config, "n_positions", None)
+    longest = max(prompt_lengths, default=0)
+    if not isinstance(limit, int) or longest + max_new_tokens <= limit:
+        return max_new_tokens
+    if longest >= limit:
+        raise InputError(f"a prompt of {longest} tokens fills the model's context of {limit} positions and leaves "
+                         "no room for new tokens; shorten the prompt.")
+    log.warning("the model has %d positions: generating at most %d new tokens after a prompt of %d (asked for %d)",
+                limit, limit - longest, longest, max_new_tokens)
+    return limit - longest
+
+
+def _length_batches(lengths: list[int], size: int = GENERATION_BATCH) -> list[list[int]]:
+    """Prompt indices in batches of `size`, shortest prompts first."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
 @torch.no_grad()
-def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, **options) -> tuple[torch.Tensor, int]:
-    """New token ids for a batch of prompts, using the KV cache; left padding so every prompt ends
-    where generation starts. Returns the ids and the prompt width to cut."""
+def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, **options) -> list[torch.Tensor]:
+    """New token ids for each prompt (num_return_sequences rows each), using the KV cache, in batches
+    of prompts of similar length; left padding so every prompt ends where generation starts."""
     model.eval()
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    max_new_tokens = new_tokens_that_fit(model, lengths, max_new_tokens)
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    new_ids: list[torch.Tensor | None] = [None] * len(prompts)
     side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = side
-    enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
-    out = model.generate(
-        **enc,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **options,
-    )
-    return out, enc["input_ids"].shape[1]
+    for batch in _length_batches(lengths):
+        tokenizer.padding_side = "left"
+        try:
+            enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        finally:
+            tokenizer.padding_side = side
+        enc = {k: v.to(device) for k, v in enc.items()}
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                             eos_token_id=tokenizer.eos_token_id, **options)
+        rows = out[:, enc["input_ids"].shape[1]:].view(len(batch), -1, out.shape[1] - enc["input_ids"].shape[1])
+        for i, ids in zip(batch, rows):
+            new_ids[i] = ids
+    return new_ids
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, do_sample: bool = False,
@@ -252,20 +281,17 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, do_
         return []
     torch.manual_seed(seed)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p) if do_sample else {}
-    out, width = _generate(model, tokenizer, prompts, max_new_tokens, do_sample=do_sample,
-                           num_return_sequences=num_return_sequences, repetition_penalty=repetition_penalty,
-                           no_repeat_ngram_size=no_repeat_ngram_size, **sampling)
-    texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-    n = num_return_sequences
-    return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
+    new_ids = _generate(model, tokenizer, prompts, max_new_tokens, do_sample=do_sample,
+                        num_return_sequences=num_return_sequences, repetition_penalty=repetition_penalty,
+                        no_repeat_ngram_size=no_repeat_ngram_size, **sampling)
+    return [tokenizer.batch_decode(ids, skip_special_tokens=True) for ids in new_ids]
 
 
 def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int = 64) -> list[list[int]]:
     """Greedy new token ids per prompt, EOS included when the model produced it."""
     if not prompts:
         return []
-    out, width = _generate(model, tokenizer, prompts, max_new_tokens, do_sample=False)
-    return [row.tolist() for row in out[:, width:]]
+    return [ids[0].tolist() for ids in _generate(model, tokenizer, prompts, max_new_tokens, do_sample=False)]
 
 
 def samples(model, tokenizer, cfg: RecipeConfig) -> list[dict]:
