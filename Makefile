@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install install-test demo finetune-demo test test-slow bench clean
+.PHONY: install install-test demo finetune-demo test test-slow bench bench-quick clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,9 +37,24 @@ test: install-test
 test-slow: install-test
 	$(PY) -m pytest -q -m slow
 
+# The benchmarks that need no ../shared data, one JSON line per figure (benchmarks/README.md); about
+# an hour on two CPU cores, most of it the baseline's and the training variants' repeated runs.
 bench: install
 	$(PY) benchmarks/prep.py
-	$(PY) benchmarks/train_clm.py
+	$(PY) benchmarks/baseline_clm.py --bf16-steps 6 --bf16-warmup 2 --bf16-repeats 1
+	$(PY) benchmarks/train_clm.py --repeats 3
+	$(PY) benchmarks/generate.py
+	$(PY) benchmarks/eval_shares.py
+	$(PY) benchmarks/qa_postprocess.py
+
+# The same scripts in their --quick form: a smoke run of a few minutes, the figures only indicative.
+bench-quick: install
+	$(PY) benchmarks/prep.py --quick
+	$(PY) benchmarks/baseline_clm.py --quick
+	$(PY) benchmarks/train_clm.py --quick
+	$(PY) benchmarks/generate.py --quick
+	$(PY) benchmarks/eval_shares.py --quick
+	$(PY) benchmarks/qa_postprocess.py --examples 300
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

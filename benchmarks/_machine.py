@@ -3,7 +3,9 @@ the CPUs (from /proc/stat), waiting for quiet, and this process's memory from /p
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import time
 
 
@@ -75,3 +77,16 @@ def add_quiet_options(ap, unit: str = "run") -> None:
                     help=f"re-run a {unit} if other processes used more than this share of the CPUs (default 0.1)")
     ap.add_argument("--retries", type=int, default=2, help=f"re-runs of a disturbed {unit} (default 2)")
     ap.add_argument("--max-wait", type=float, default=120, help="seconds to wait for quiet before a re-run")
+
+
+def reporters(bench: str):
+    """(emit, note) for a benchmark: emit prints one JSON line per figure on stdout, note a progress
+    line on stderr."""
+
+    def emit(figure: str, value, unit: str, **extra) -> None:
+        print(json.dumps({"bench": bench, "figure": figure, "value": value, "unit": unit, **extra}), flush=True)
+
+    def note(msg: str) -> None:
+        print(f"[{bench}] {msg}", file=sys.stderr, flush=True)
+
+    return emit, note

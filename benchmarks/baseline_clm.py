@@ -210,8 +210,14 @@ def train_and_measure(trainer, model, clock, spec: dict, val_blocks) -> dict:
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     t = time.perf_counter()
     val = validation_loss(model, val_blocks)
+    validation_s = time.perf_counter() - t
+    from train_clm import matmul_flops_per_token, matmul_peak_gflops  # benchmarks/train_clm.py
+
+    tokens_per_s = timed * spec["batch_size"] * spec["block_size"] / seconds
     return {
-        "tokens_per_s": timed * spec["batch_size"] * spec["block_size"] / seconds,
+        "tokens_per_s": tokens_per_s,
+        "model_gflops_per_s": tokens_per_s * matmul_flops_per_token(model.config, spec["block_size"]) / 1e9,
+        "matmul_peak_gflops_per_s": matmul_peak_gflops(spec["precision"]),
         "step_s_median": statistics.median(step_times),
         "cpu_s_per_step": own / timed,
         "interference": others / (seconds * os.cpu_count()),
@@ -219,7 +225,7 @@ def train_and_measure(trainer, model, clock, spec: dict, val_blocks) -> dict:
         "rss_before_train_mb": rss_before / 1024,
         "losses": [losses.get(s) for s in range(1, steps + 1)],
         "validation_loss": val,
-        "validation_s": time.perf_counter() - t,
+        "validation_s": validation_s,
         "threads": torch.get_num_threads(),
     }
 
@@ -577,7 +583,13 @@ def main() -> None:
             "train_loss_last": statistics.median(
                 statistics.fmean(v for v in x["losses"][-last:] if v is not None) for x in runs),
         }
+        peaks = [x["matmul_peak_gflops_per_s"] for x in runs]
+        m["mfu"] = None if None in peaks else round(statistics.median(
+            x["model_gflops_per_s"] / x["matmul_peak_gflops_per_s"] for x in runs), 3)
         med[(side, precision)] = m
+        emit("model_flops_utilisation", m["mfu"], "fraction of the matmul peak", **tag,
+             model_gflops_per_s=[round(x["model_gflops_per_s"], 1) for x in runs],
+             matmul_peak_gflops_per_s=[round(x, 1) if x else "none: bf16 is emulated here" for x in peaks])
         emit("tokens_per_s", round(m["tokens_per_s"]), "tokens/s", **tag,
              runs=[round(x["tokens_per_s"]) for x in runs],
              step_s_median=round(statistics.median(x["step_s_median"] for x in runs), 4),
@@ -613,6 +625,7 @@ def main() -> None:
         summary[f"speed_ratio_{p}"] = round(speed, 3)
         summary[f"speed_ratio_{p}_runs"] = [round(x["tokens_per_s"] / y["tokens_per_s"], 3)
                                             for x, y in zip(results[("lmtune", p)], results[("baseline", p)])]
+        summary[f"mfu_{p}"] = {"baseline": b["mfu"], "lmtune": l["mfu"]}
         summary[f"prep_time_ratio_{p}"] = round(l["prep_s"] / b["prep_s"], 4)
         summary[f"peak_rss_ratio_{p}"] = round(l["peak_rss_mb"] / b["peak_rss_mb"], 3)
         summary[f"validation_loss_rel_diff_{p}"] = round(rel(l["validation_loss"], b["validation_loss"]), 4)

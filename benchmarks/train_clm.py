@@ -3,8 +3,12 @@
 The recipe (default ``recipes/codeparrot-local.yaml``: GPT-2 from scratch, 4 layers, 4 heads, width
 256, vocabulary 8192, block 128, batch 16, overflow packing, keytoken loss) is loaded and validated
 by lmtune, with only these changes: ``training.max_steps`` = ``--steps``, no checkpoints, no
-periodic evaluation, and per variant ``training.precision`` (``fp32`` / ``bf16``) and ``loss.type``
-(``keytoken`` / ``cross_entropy``). Then, as ``lmtune train`` does (``lmtune.run._train_in``): the
+periodic evaluation, and per variant (``VARIANTS``) ``training.precision`` (``fp32`` / ``bf16``),
+``loss.type`` (``keytoken`` / ``cross_entropy``), ``training.fused_loss``, ``torch.compile`` and GPT-2's
+activation (``gelu_pytorch_tanh``, lmtune's, or ``gelu_new``): the "plain" variants undo the training
+step's optimisations, alone or together, so each one's gain is measured. Model FLOPs utilisation is
+the model's matrix-product FLOPs per second over a [2048 x 2048] matrix product's speed measured in
+the same process (``matmul_flops_per_token``, ``matmul_peak_gflops``). Then, as ``lmtune train`` does (``lmtune.run._train_in``): the
 task's ``prepare`` (sources, tokenizer, ``prepare_blocks``) and ``build_model``,
 ``lmtune.training.engine.training_arguments`` and ``LmtuneTrainer`` with the prepared dataset,
 collator, tokenizer and keytoken arguments, and ``trainer.train()``. A ``TrainerCallback`` starts
@@ -28,9 +32,9 @@ once the machine is quiet (``--retries`` times at most).
 Output: one JSON line per figure, ``{"bench": "train_clm", "figure": ..., "variant": ..., "value":
 ..., "unit": ...}``, then a summary line. Progress goes to stderr.
 
-    python benchmarks/train_clm.py --quick          # 15 steps (5 warm-up), fp32 and bf16-keytoken, 60 documents
-    python benchmarks/train_clm.py                  # 60 steps (10 warm-up), the 4 variants
-    python benchmarks/train_clm.py --synthetic --variants bf16,bf16-keytoken
+    python benchmarks/train_clm.py --quick          # 15 steps (5 warm-up), fp32 and fp32-plain, 60 documents
+    python benchmarks/train_clm.py --repeats 3      # 60 steps (10 warm-up), the default variants
+    python benchmarks/train_clm.py --synthetic --variants bf16,bf16-plain
 """
 
 from __future__ import annotations
@@ -55,12 +59,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = REPO / "recipes" / "codeparrot-local.yaml"
-VARIANTS = {  # name: (training.precision, keytoken loss)
-    "fp32": ("fp32", False),
-    "fp32-keytoken": ("fp32", True),
-    "bf16": ("bf16", False),
-    "bf16-keytoken": ("bf16", True),
+# name: what differs from lmtune's default path (one-kernel GELU, fused linear cross-entropy, the
+# recipe's keytoken loss, no torch.compile). The "plain" ones undo the step's optimisations one by one,
+# so each shows its own gain.
+DEFAULT_PATH = {"precision": "fp32", "keytoken": True, "activation": "gelu_pytorch_tanh", "fused_loss": True,
+                "compile": False}
+# torch.compile (TrainingArguments.torch_compile) is measured but not offered by lmtune: on this model
+# and a 2-core CPU it gave no gain (benchmarks/README.md).
+VARIANTS = {
+    "fp32": {},
+    "fp32-plain": {"activation": "gelu_new", "fused_loss": False},  # the path before the optimisations
+    "fp32-gelu_new": {"activation": "gelu_new"},
+    "fp32-logits_loss": {"fused_loss": False},
+    "fp32-compile": {"compile": True},
+    "fp32-cross_entropy": {"keytoken": False},
+    "bf16": {"precision": "bf16"},
+    "bf16-plain": {"precision": "bf16", "activation": "gelu_new", "fused_loss": False},
 }
+DEFAULT_VARIANTS = "fp32,fp32-plain,fp32-gelu_new,fp32-logits_loss,fp32-compile"
+
+
+def variant_settings(name: str) -> dict:
+    return {**DEFAULT_PATH, **VARIANTS[name]}
 
 
 def emit(figure: str, value, unit: str, **extra) -> None:
@@ -93,10 +113,20 @@ def bench_recipe(raw: dict, args, variant: str | None = None) -> dict:
     if args.max_documents:
         raw["data"]["train"]["max_documents"] = args.max_documents
     if variant is not None:
-        precision, keytoken = VARIANTS[variant]
-        training["precision"] = precision
-        raw.setdefault("loss", {})["type"] = "keytoken" if keytoken else "cross_entropy"
+        settings = variant_settings(variant)
+        training.update(precision=settings["precision"], fused_loss=settings["fused_loss"])
+        raw.setdefault("loss", {})["type"] = "keytoken" if settings["keytoken"] else "cross_entropy"
     return raw
+
+
+def use_activation(model, name: str) -> None:
+    """GPT-2's MLPs with activation `name` (lmtune builds them with gelu_pytorch_tanh)."""
+    from transformers.activations import ACT2FN
+
+    model.config.activation_function = name
+    for module in model.modules():
+        if type(module).__name__ == "GPT2MLP":
+            module.act = ACT2FN[name]
 
 
 class _VocabOnly:
@@ -109,6 +139,45 @@ class _VocabOnly:
 
     def __len__(self) -> int:
         return self.size
+
+
+# --------------------------------------------------------------------------------------------------
+# Model FLOPs utilisation
+
+
+def matmul_flops_per_token(config, block_size: int) -> float:
+    """Matrix-product FLOPs of one training token (forward + backward = 3 x forward) of a GPT-2: every
+    projection and the output layer (2 FLOPs per weight), plus attention's two [T x T] products per layer
+    (SDPA computes them whole on a CPU, the causal half included). Elementwise work is not counted."""
+    d, layers, inner = config.n_embd, config.n_layer, config.n_inner or 4 * config.n_embd
+    per_layer = 2 * (d * 3 * d + d * d + 2 * d * inner) + 2 * 2 * block_size * d
+    forward = layers * per_layer + 2 * d * config.vocab_size
+    return 3.0 * forward
+
+
+def matmul_peak_gflops(precision: str, seconds: float = 2.0) -> float | None:
+    """This process's matrix-multiply speed in GFLOP/s, the best of repeated [2048 x 2048] products in
+    the training precision, measured with the same threads: the peak that model FLOPs utilisation is
+    reported against. None for bf16 without native bf16 (emulated: its speed depends on the shapes, so
+    no one product is a peak)."""
+    import torch
+
+    from lmtune.training.engine import cpu_supports_bf16
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    if dtype == torch.bfloat16 and not (torch.cuda.is_available() or cpu_supports_bf16()):
+        return None
+    n = 2048
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    for i in range(100):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+        if i >= 3 and time.perf_counter() > deadline:
+            break
+    return 2 * n ** 3 / best / 1e9
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,7 +216,10 @@ def child(spec: dict) -> dict:
         tokenizer = processing_class = prepared.tokenizer
         train_dataset, collator, kwargs = prepared.train, prepared.collator, prepared.trainer_kwargs
     model = task.build_model(cfg, tokenizer)
+    use_activation(model, spec["activation"])
     n_params = count_parameters(model)["total"]
+    flops_per_token = matmul_flops_per_token(model.config, block_size)
+    peak = matmul_peak_gflops(precision)
 
     class Clock(TrainerCallback):
         def __init__(self):
@@ -161,7 +233,8 @@ def child(spec: dict) -> dict:
 
     clock = Clock()
     with tempfile.TemporaryDirectory(prefix="lmtune-bench-train-") as out:
-        args = training_arguments(cfg.training, Path(out), precision, has_eval=False)
+        args = training_arguments(cfg.training, Path(out), precision, has_eval=False,
+                                  torch_compile=spec["compile"])
         trainer = LmtuneTrainer(
             model=model,
             args=args,
@@ -169,6 +242,7 @@ def child(spec: dict) -> dict:
             data_collator=collator,
             processing_class=processing_class,
             callbacks=[clock],
+            fused_loss=cfg.training.fused_loss,
             **kwargs,
         )
         trainer.remove_callback(PrinterCallback)  # stdout carries our JSON only
@@ -199,6 +273,11 @@ def child(spec: dict) -> dict:
         "steps": steps,
         "warmup": warmup,
         "tokens_per_s": timed_steps * batch * block_size / seconds,
+        "model_gflops_per_s": timed_steps * batch * block_size * flops_per_token / seconds / 1e9,
+        "matmul_peak_gflops_per_s": peak,
+        "activation": spec["activation"],
+        "fused_loss": cfg.training.fused_loss,
+        "compile": spec["compile"],
         "step_s_median": statistics.median(step_times),
         "step_s_max": max(step_times),
         "train_wall_s": wall,
@@ -221,7 +300,8 @@ def main() -> None:
     ap.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="a causal-LM recipe with model.from_scratch")
     ap.add_argument("--steps", type=int, default=60, help="optimiser steps per variant (default 60)")
     ap.add_argument("--warmup", type=int, default=10, help="first steps not timed (default 10)")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS,
+                    help=f"comma-separated, of {', '.join(VARIANTS)} (default {DEFAULT_VARIANTS})")
     ap.add_argument("--repeats", type=int, default=1, help="fresh runs per variant (alternated); median reported")
     ap.add_argument("--synthetic", action="store_true", help="random token ids instead of the corpus")
     ap.add_argument("--data", nargs="+", metavar="PATH", help="files instead of the recipe's training source")
@@ -230,7 +310,7 @@ def main() -> None:
     ap.add_argument("--max-documents", type=int, help="data.train.max_documents: the first N documents only")
     add_quiet_options(ap, "variant")
     ap.add_argument("--quick", action="store_true",
-                    help="15 steps (5 warm-up), fp32 and bf16-keytoken, the first 60 documents: about a minute")
+                    help="15 steps (5 warm-up), fp32 and fp32-plain, the first 60 documents: about a minute")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -238,8 +318,8 @@ def main() -> None:
         return
     if args.quick:
         args.steps, args.warmup = min(args.steps, 15), min(args.warmup, 5)
-        if args.variants == ",".join(VARIANTS):
-            args.variants = "fp32,bf16-keytoken"
+        if args.variants == DEFAULT_VARIANTS:
+            args.variants = "fp32,fp32-plain"
         args.max_documents = args.max_documents or 60
     if not 0 <= args.warmup < args.steps:
         ap.error("--warmup must be at least 0 and below --steps")
@@ -283,6 +363,7 @@ def main() -> None:
             order = variants[r % len(variants):] + variants[: r % len(variants)]
             for name in order:
                 spec = {"variant": name, "raw": bench_recipe(raw, args, name), "warmup": args.warmup,
+                        **{key: variant_settings(name)[key] for key in ("activation", "compile")},
                         "threads": args.threads, "synthetic": args.synthetic}
                 for attempt in range(args.retries + 1):
                     note(f"{name}: {args.steps} steps ({args.warmup} warm-up) in a fresh process")
@@ -307,7 +388,8 @@ def main() -> None:
     for name in variants:
         runs = results[name]
         last = runs[-1]
-        common = {"variant": name, "precision": last["precision"], "keytoken": last["keytoken"]}
+        common = {"variant": name, "precision": last["precision"], "keytoken": last["keytoken"],
+                  "activation": last["activation"], "fused_loss": last["fused_loss"], "compile": last["compile"]}
         tps = statistics.median(r["tokens_per_s"] for r in runs)
         emit("tokens_per_s", round(tps), "tokens/s", **common, runs=[round(r["tokens_per_s"]) for r in runs],
              step_s_median=round(statistics.median(r["step_s_median"] for r in runs), 4),
@@ -318,17 +400,19 @@ def main() -> None:
         emit("peak_rss_mb", round(peak), "MiB", **common, rss_before_train_mb=round(last["rss_before_train_mb"]),
              train_added_mb=round(max(r["train_peak_rss_mb"] - r["rss_before_train_mb"] for r in runs)))
         emit("final_loss", round(last["loss"], 4), "nats", **common, parameters=last["parameters"])
+        gflops = statistics.median(r["model_gflops_per_s"] for r in runs)
+        peaks = [r["matmul_peak_gflops_per_s"] for r in runs if r["matmul_peak_gflops_per_s"]]
+        mfu = round(gflops / statistics.median(peaks), 3) if peaks else None
+        emit("model_flops_utilisation", mfu, "fraction of the matmul peak", **common, model_gflops_per_s=round(gflops, 1),
+             matmul_peak_gflops_per_s=round(statistics.median(peaks), 1) if peaks else "none: bf16 is emulated here")
+        summary[f"{name}_mfu"] = mfu
         summary[f"{name}_tokens_per_s"] = round(tps)
         summary[f"{name}_peak_rss_mb"] = round(peak)
     base = summary.get("fp32_tokens_per_s")
-    if base:
+    if base:  # each optimisation's gain: the default path's speed over the variant without it
         for name in variants:
             if name != "fp32":
-                summary[f"{name}_speedup_over_fp32"] = round(summary[f"{name}_tokens_per_s"] / base, 3)
-    for p in ("fp32", "bf16"):
-        if f"{p}_tokens_per_s" in summary and f"{p}-keytoken_tokens_per_s" in summary:
-            summary[f"keytoken_cost_{p}"] = round(
-                1 - summary[f"{p}-keytoken_tokens_per_s"] / summary[f"{p}_tokens_per_s"], 3)
+                summary[f"fp32_over_{name}"] = round(base / summary[f"{name}_tokens_per_s"], 3)
     summary["worst_interference"] = round(max(r["interference"] for v in results.values() for r in v), 3)
     summary["bench_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(summary), flush=True)
