@@ -37,24 +37,25 @@ test: install-test
 test-slow: install-test
 	$(PY) -m pytest -q -m slow
 
-# The benchmarks that need no ../shared data, one JSON line per figure (benchmarks/README.md); about
-# an hour on two CPU cores, most of it the baseline's and the training variants' repeated runs.
+# The benchmarks that need no ../shared data: one JSON line per figure on stdout, progress on stderr
+# (commands are not echoed, so stdout is JSON only; benchmarks/README.md). About an hour on two CPU
+# cores, most of it the baseline's and the training variants' repeated runs.
 bench: install
-	$(PY) benchmarks/prep.py
-	$(PY) benchmarks/baseline_clm.py --bf16-steps 6 --bf16-warmup 2 --bf16-repeats 1
-	$(PY) benchmarks/train_clm.py --repeats 3
-	$(PY) benchmarks/generate.py
-	$(PY) benchmarks/eval_shares.py
-	$(PY) benchmarks/qa_postprocess.py
+	@$(PY) benchmarks/prep.py
+	@$(PY) benchmarks/baseline_clm.py --bf16-steps 6 --bf16-warmup 2 --bf16-repeats 1
+	@$(PY) benchmarks/train_clm.py --repeats 3
+	@$(PY) benchmarks/generate.py
+	@$(PY) benchmarks/eval_shares.py
+	@$(PY) benchmarks/qa_postprocess.py
 
 # The same scripts in their --quick form: a smoke run of a few minutes, the figures only indicative.
 bench-quick: install
-	$(PY) benchmarks/prep.py --quick
-	$(PY) benchmarks/baseline_clm.py --quick
-	$(PY) benchmarks/train_clm.py --quick
-	$(PY) benchmarks/generate.py --quick
-	$(PY) benchmarks/eval_shares.py --quick
-	$(PY) benchmarks/qa_postprocess.py --examples 300
+	@$(PY) benchmarks/prep.py --quick
+	@$(PY) benchmarks/baseline_clm.py --quick
+	@$(PY) benchmarks/train_clm.py --quick
+	@$(PY) benchmarks/generate.py --quick
+	@$(PY) benchmarks/eval_shares.py --quick
+	@$(PY) benchmarks/qa_postprocess.py --examples 300
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

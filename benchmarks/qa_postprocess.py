@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 
 from lmtune.tasks.qa_postprocess import offsets_to_array, postprocess_predictions  # noqa: E402
 from tests.unit.qa_reference import reference_postprocess  # noqa: E402
+from _machine import reporters  # noqa: E402 benchmarks/_machine.py
 
 WORDS = ("the river stone carried light across a northern valley where seven old towers stood "
          "above quiet fields and markets traded grain salt copper glass paper wool").split()
@@ -126,6 +127,9 @@ def same_answers(a: list[dict], b: list[dict]) -> bool:
     return True
 
 
+emit, _ = reporters("qa_postprocess")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--examples", type=int, default=2000)
@@ -146,21 +150,13 @@ def main() -> None:
         lambda: postprocess_predictions(start, end, offsets, fei, contexts, **kw), args.repeats)
     identical = same_answers(ref, vec)
     speedup = ref_s / vec_s if vec_s > 0 else float("inf")
-    print(json.dumps({
-        "bench": "qa_postprocess",
-        "examples": args.examples,
-        "features": int(start.shape[0]),
-        "seq_len": args.seq_len,
-        "reference_s": round(ref_s, 4),
-        "vectorised_s": round(vec_s, 4),
-        "speedup": round(speedup, 1),
-        "reference_cpu_s": round(ref_cpu, 4),
-        "vectorised_cpu_s": round(vec_cpu, 4),
-        "convert_s": round(convert_s, 4),
-        "identical": identical,
-        "target_speedup": 10,
-        "target_met": bool(identical and speedup >= 10),
-    }))
+    common = {"examples": args.examples, "features": int(start.shape[0]), "seq_len": args.seq_len}
+    emit("reference_s", round(ref_s, 4), "s", cpu_s=round(ref_cpu, 4), **common)
+    emit("vectorised_s", round(vec_s, 4), "s", cpu_s=round(vec_cpu, 4), convert_s=round(convert_s, 4), **common)
+    emit("speedup", round(speedup, 1), "x", identical=identical, target=10)
+    print(json.dumps({"bench": "qa_postprocess", "figure": "summary", **common, "reference_s": round(ref_s, 4),
+                      "vectorised_s": round(vec_s, 4), "speedup": round(speedup, 1), "identical": identical,
+                      "target_speedup": 10, "target_met": bool(identical and speedup >= 10)}), flush=True)
     if not identical:
         sys.exit(1)
 
