@@ -23,6 +23,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="the shared data folder")
     ap.add_argument("--model", default=str(REPO / "runs" / "codeparrot-local" / "model"))
     ap.add_argument("--steps", type=int, help="override training.max_steps")
+    ap.add_argument("--set", action="append", default=[], help="more recipe overrides (key=value)")
     args = ap.parse_args()
     gsm8k = Path(args.data) / "gsm8k"
     if not (gsm8k / "train.jsonl.gz").is_file():
@@ -31,6 +32,7 @@ def main() -> None:
         raise SystemExit(f"no model at {args.model}; run `make demo` first or pass --model A_CAUSAL_LM_FOLDER")
     overrides = [f"data.train.path={gsm8k / 'train.jsonl.gz'}", f"data.validation.path={gsm8k / 'test.jsonl.gz'}",
                  f"model.name_or_path={args.model}"] + ([f"training.max_steps={args.steps}"] if args.steps else [])
+    overrides += args.set
     m, wall, peak = run_recipe(REPO, "sft-gsm8k-local.yaml", overrides)
     print(json.dumps({
         "bench": "sft_gsm8k", "train_examples": m["data"]["train_examples"],
