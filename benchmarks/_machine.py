@@ -90,3 +90,21 @@ def reporters(bench: str):
         print(f"[{bench}] {msg}", file=sys.stderr, flush=True)
 
     return emit, note
+
+
+def make_clock(warmup: int, steps: int):
+    """A TrainerCallback that marks the end of every step, and the CPU seconds (all processes', and
+    this one's) at the end of steps `warmup` and `steps`: what the training benchmarks time."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.marks: dict[int, float] = {}
+            self.cpu: dict[int, tuple[float, float]] = {}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.marks[state.global_step] = time.perf_counter()
+            if state.global_step in (warmup, steps):
+                self.cpu[state.global_step] = (busy_seconds(), own_cpu_seconds())
+
+    return Clock()

@@ -78,7 +78,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _machine import add_quiet_options, busy_seconds, own_cpu_seconds, status_kib, wait_until_quiet  # noqa: E501 benchmarks/_machine.py
+from _machine import (add_quiet_options, busy_seconds, make_clock, own_cpu_seconds, status_kib,  # benchmarks/_machine.py
+                      wait_until_quiet)
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # never the Hub
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -158,22 +159,6 @@ def validation_loss(model, blocks) -> float:
             count += ids[:, 1:].numel()
     model.train()
     return total / count
-
-
-def make_clock(warmup: int, steps: int):
-    from transformers import TrainerCallback
-
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.marks: dict[int, float] = {}
-            self.cpu: dict[int, tuple[float, float]] = {}
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.marks[state.global_step] = time.perf_counter()
-            if state.global_step in (warmup, steps):
-                self.cpu[state.global_step] = (busy_seconds(), own_cpu_seconds())
-
-    return Clock()
 
 
 class Phase:

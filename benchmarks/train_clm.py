@@ -50,7 +50,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _machine import add_quiet_options, busy_seconds, own_cpu_seconds, status_kib, wait_until_quiet  # noqa: E501 benchmarks/_machine.py
+from _machine import add_quiet_options, make_clock, status_kib, wait_until_quiet  # benchmarks/_machine.py
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # never the Hub
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -187,7 +187,6 @@ def matmul_peak_gflops(precision: str, seconds: float = 2.0) -> float | None:
 def child(spec: dict) -> dict:
     import numpy as np
     import torch
-    from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
     from lmtune.config import validate_recipe
@@ -221,17 +220,7 @@ def child(spec: dict) -> dict:
     flops_per_token = matmul_flops_per_token(model.config, block_size)
     peak = matmul_peak_gflops(precision)
 
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.marks: dict[int, float] = {}
-            self.cpu: dict[int, tuple[float, float]] = {}
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.marks[state.global_step] = time.perf_counter()
-            if state.global_step in (warmup, steps):
-                self.cpu[state.global_step] = (busy_seconds(), own_cpu_seconds())
-
-    clock = Clock()
+    clock = make_clock(warmup, steps)
     with tempfile.TemporaryDirectory(prefix="lmtune-bench-train-") as out:
         args = training_arguments(cfg.training, Path(out), precision, has_eval=False,
                                   torch_compile=spec["compile"])

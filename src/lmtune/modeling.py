@@ -105,7 +105,7 @@ def model_config_from_scratch(spec: FromScratchConfig, tokenizer, block_size: in
 
 # GPT-2's `gelu_new` is the tanh approximation of GELU written as five elementwise kernels; PyTorch's
 # `gelu(approximate="tanh")` is the same function in one (equal within float rounding, tested). On the
-# demo's model it took a training step from 0.692 to 0.615 s (benchmarks/README.md).
+# demo's model the step is 1.13x as fast with it (benchmarks/README.md).
 FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh"}
 
 

@@ -296,7 +296,7 @@ def evaluate(model, masked: dict[str, torch.Tensor], batch_size: int = 32) -> di
             logits = model(**batch).logits.float()[selected]
         loss = torch.nn.functional.cross_entropy(logits, labels[selected], reduction="sum")
         total += float(loss)
-        count += int((labels != -100).sum())
+        count += int(selected.sum())
     model.train(was_training)
     total, count = distributed.sum_across([total, count])
     mean = total / max(count, 1)

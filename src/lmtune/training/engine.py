@@ -272,23 +272,24 @@ def reliable(trainer_class: type[Trainer]) -> type[Trainer]:
     return Reliable
 
 
-def is_masked_lm(model) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+def _has_head(model, mapping_name: str) -> bool:
+    from transformers.models.auto import modeling_auto
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return type(base).__name__ in MODEL_FOR_MASKED_LM_MAPPING_NAMES.values()
+    return type(base).__name__ in getattr(modeling_auto, mapping_name).values()
+
+
+def is_masked_lm(model) -> bool:
+    return _has_head(model, "MODEL_FOR_MASKED_LM_MAPPING_NAMES")
 
 
 def is_causal_lm(model) -> bool:
     """Whether the (LoRA-wrapped) model is a causal LM, whose loss honours `num_items_in_batch`."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return type(base).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+    return _has_head(model, "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")
 
 
 # Causal LMs whose logits are just their output layer applied to the last hidden states (no scaling or
-# soft-capping), checked by tests/unit/test_losses.py: the fused loss may stand in for theirs.
+# soft-capping), checked by tests/unit/test_fast_path.py: the fused loss may stand in for theirs.
 PLAIN_OUTPUT_LAYER_MODELS = {"gpt2", "llama", "mistral", "qwen2", "qwen3"}
 
 
