@@ -160,15 +160,36 @@ def cmd_predict(args) -> int:
 
     prompts = _prompts(args)
     model, tokenizer = clm.load_for_inference(_model_dir(args.run))
+    inputs = prompts
+    if _as_chat(args, tokenizer):
+        from lmtune.chat import user_turn_prompt
+
+        inputs = [user_turn_prompt(tokenizer, p, args.system) for p in prompts]
     completions = clm.generate(
-        model, tokenizer, prompts, args.max_new_tokens, do_sample=args.temperature > 0 and not args.greedy,
+        model, tokenizer, inputs, args.max_new_tokens, do_sample=args.temperature > 0 and not args.greedy,
         temperature=args.temperature or 1.0, top_k=50 if args.top_k is None else args.top_k, top_p=args.top_p,
         num_return_sequences=args.num_return_sequences, seed=args.seed,
         repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
     )
-    for prompt, outs in zip(prompts, completions):
-        print(json.dumps({"prompt": prompt, "completions": outs}, ensure_ascii=False))
+    for prompt, rendered, outs in zip(prompts, inputs, completions):
+        line = {"prompt": prompt, **({"rendered": rendered} if rendered is not prompt else {}), "completions": outs}
+        print(json.dumps(line, ensure_ascii=False))
     return 0
+
+
+def _as_chat(args, tokenizer) -> bool:
+    """Causal LM prompts go through the model's chat template when asked (--chat), and by default for a
+    chat model given directly (a model folder, .gguf file or package with a chat template); a run's
+    causal-LM model (domain fine-tuning) continues text as it was trained to, unless --chat."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if args.chat and not has_template:
+        raise InputError(f"--chat: the tokenizer of '{args.run}' has no chat template; drop --chat to complete the "
+                         "prompts as text.")
+    if args.system and not (args.chat or has_template and not args.raw):
+        raise InputError("--system is a chat's system message; it needs a model with a chat template (and no --raw).")
+    if args.chat:
+        return True
+    return has_template and not args.raw and not (Path(args.run) / "config.yaml").is_file()
 
 
 def predict_mlm(args) -> int:
@@ -269,8 +290,12 @@ def cmd_export(args) -> int:
     run, out = Path(args.run), Path(args.out)
     if not (run / "model" / "config.json").is_file() or not (run / "config.yaml").is_file():
         raise InputError(f"'{run}' is not a finished run dir (no model/ or config.yaml); give a folder under runs/.")
+    refuse_output_overlapping_input(out, run, "--out")
     if out.exists() and not args.overwrite:
         raise InputError(f"--out '{out}' already exists; pass --overwrite or choose another folder.")
+    if out.exists() and not (out.is_dir() and ((out / "config.json").is_file() or not any(out.iterdir()))):
+        raise InputError(f"--out '{out}' is not a model folder (no config.json) nor empty; --overwrite replaces only "
+                         "an exported model -- choose another folder.")
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     if (run / "adapter").is_dir():
@@ -307,6 +332,8 @@ def predict_sft(args) -> int:
     for text in _prompts(args):
         if cfg.sft.format == "alpaca":
             records.append({"instruction": text, **extra})
+        elif cfg.sft.format == "chat" and cfg.sft.user_template:  # the text fills the user turn's first field
+            records.append({**dict.fromkeys(sft.template_fields(cfg.sft.user_template)[:1], text), **extra})
         elif cfg.sft.format == "chat":
             records.append({cfg.sft.messages_field: [{"role": "user", "content": text}]})
         elif cfg.sft.format == "transcript":  # the dialogue so far; the reply marker is added
@@ -357,7 +384,8 @@ def predict_reward(args) -> int:
 
 
 def predict_policy(args) -> int:
-    """dpo / rl runs: prompts rendered with the run's prompt template, then answered (greedy, to EOS)."""
+    """dpo / rl runs: prompts rendered with the run's prompt template (and chat template, in the chat
+    format), then answered (greedy, to EOS or the end of the turn)."""
     from lmtune.tasks import preference, sft
 
     cfg = _run_config(args.run, "prompt template")
@@ -365,8 +393,8 @@ def predict_policy(args) -> int:
     first = sft.template_fields(template)[:1]
     extra = dict(_key_value(item) for item in args.field)
     records = [{**dict.fromkeys(first, text), **extra} for text in _prompts(args)]
-    prompts = [preference.render_prompt(r, template, f"prompt {i + 1}", "predict") for i, r in enumerate(records)]
     model, tokenizer = preference.load_for_inference(_model_dir(args.run), cfg.task)
+    prompts = preference.policy_prompts(cfg, tokenizer, records, "predict")
     for result in sft.answer(model, tokenizer, prompts, args.max_new_tokens):
         print(json.dumps(result, ensure_ascii=False))
     return 0
@@ -394,6 +422,14 @@ def predict_classify(args) -> int:
     for result in classify.classify_texts(model, tokenizer, texts, **settings):
         print(json.dumps(result, ensure_ascii=False))
     return 0
+
+
+def refuse_output_overlapping_input(out: Path, source: Path, option: str) -> None:
+    """An output that is, holds or lies inside what the command reads would destroy its own input."""
+    a, b = out.expanduser().resolve(), source.expanduser().resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise InputError(f"{option} '{out}' overlaps '{source}', which this command reads; write somewhere outside "
+                         "it.")
 
 
 def cmd_tokenizer_train(args) -> int:
@@ -481,6 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--repetition-penalty", type=float, default=1.0)
     pr.add_argument("--no-repeat-ngram-size", type=int, default=0)
     pr.add_argument("--greedy", action="store_true")
+    chat = pr.add_mutually_exclusive_group()
+    chat.add_argument("--chat", action="store_true", help="causal LM: render each prompt as a user turn with the "
+                      "model's chat template (the default for a chat model given as a folder, .gguf or package)")
+    chat.add_argument("--raw", action="store_true", help="causal LM: complete the prompt text as it is")
+    pr.add_argument("--system", help="with --chat: a system message before each prompt")
     pr.add_argument("--prompt", help="reward model: text put before each scored text")
     pr.add_argument("--pair", action="store_true", help="reward model: compare the two texts given")
     pr.add_argument("--seed", type=int, default=0)

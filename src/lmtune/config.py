@@ -210,13 +210,29 @@ class SFTConfig(Section):
 
     format: Literal["template", "alpaca", "chat", "transcript"] = Field(
         "template", description="template: `template` with named fields; alpaca: instruction/input/output; "
-        "chat: a list of {role, content} messages rendered by the tokenizer's chat template; transcript: one "
-        "dialogue text whose last `response_marker` starts the response (HH-RLHF's chosen replies).")
+        "chat: a conversation rendered by the tokenizer's chat template -- the record's `messages_field` (a list "
+        "of {role, content}), or one user turn from `user_template` answered by `response_field`; transcript: "
+        "one dialogue text whose last `response_marker` starts the response (HH-RLHF's chosen replies).")
     template: str = Field(
         "Please answer the following question.\nQ: {question}\nA: {answer}",
         description="Python format string over the record's fields; the response field comes last.")
     response_field: str = Field("answer", description="The field the model learns to write (template format).")
     messages_field: str = Field("messages", description="chat format: the record's list of messages.")
+    user_template: str | None = Field(
+        None, description="chat format, records without messages: the user's turn, a format string over the "
+        "record's fields ('{question}'); the assistant's reply is `response_field`.")
+    system_prompt: str | None = Field(
+        None, description="chat format: a system message put first in conversations that have none.")
+    assistant_turns: Literal["all", "last"] = Field(
+        "all", description="chat format: learn every assistant turn of a conversation, or only the last.")
+    field_values: dict[str, dict[str | int, str]] = Field(
+        default_factory=dict, description="Values of a field written as words in templates, e.g. {label: "
+        "{'0': negative, '1': positive}}.")
+    answer_pattern: str | None = Field(
+        None, description="A regular expression whose first group is an example's final answer ('#### (.+)' for "
+        "GSM8K): held-out prompts are answered (greedy) and the answers compared with the references.")
+    answer_examples: int = Field(100, ge=1, description="Held-out examples answered for answer_pattern.")
+    answer_max_new_tokens: int = Field(256, ge=1, description="Tokens generated per answer for answer_pattern.")
     transcript_field: str = Field("chosen", description="transcript format: the record's dialogue text.")
     response_marker: str = Field("\n\nAssistant:", min_length=1,
                                  description="transcript format: the response follows this marker's last occurrence.")
@@ -229,10 +245,30 @@ class SFTConfig(Section):
     samples: list[dict[str, str]] = Field(
         default_factory=list, description="Records without the response, answered before and after training.")
 
+    @model_validator(mode="after")
+    def _answer_pattern_compiles(self) -> SFTConfig:
+        if self.answer_pattern is not None:
+            try:
+                groups = re.compile(self.answer_pattern).groups
+            except re.error as exc:
+                raise ValueError(f"answer_pattern is not a valid regular expression ({exc})") from None
+            if groups < 1:
+                raise ValueError("answer_pattern needs a group around the answer, e.g. '#### (.+)'")
+        return self
+
 
 class PreferenceConfig(Section):
     """Pairwise preferences (tasks reward and dpo) and the prompts of task rl."""
 
+    format: Literal["auto", "text", "chat"] = Field(
+        "auto", description="text: prompts and replies as written; chat: through the tokenizer's chat template -- "
+        "conversational records (TRL's: messages in prompt/chosen/rejected), dialogues written as text (read into "
+        "turns by transcript_roles), or a text prompt as the user's turn; auto: chat for conversational records or "
+        "a policy that is an lmtune chat SFT run, else text.")
+    transcript_roles: dict[str, str] = Field(
+        default_factory=lambda: {"\n\nHuman:": "user", "\n\nAssistant:": "assistant"},
+        description="chat format: the markers that open each turn of a dialogue written as text, and their roles.")
+    system_prompt: str | None = Field(None, description="chat format: a system message put first.")
     prompt_field: str = Field("prompt", description="Explicit prompts; without the field the prompt is the text "
                               "chosen and rejected share (HH-RLHF's whole dialogues).")
     chosen_field: str = "chosen"

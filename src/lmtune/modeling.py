@@ -248,6 +248,13 @@ def head_only_at(encoder, selector: torch.Tensor):
 # The LoRA article adapts DistilBERT's q_lin; peft's own table covers many more architectures.
 LORA_TARGETS = {"distilbert": ["q_lin"], "bert": ["query", "value"], "roberta": ["query", "value"],
                 "gpt2": ["c_attn"]}
+# Llama-style decoders (Llama, Mistral, Qwen, Gemma name their projections alike): every linear projection
+# of attention and MLP. Measured on SmolLM2-135M instruction tuning (benchmarks/lora_targets.py, r 16, fp32):
+# trained for the same 3.7 minutes, all projections reached a held-out reply loss of 0.827 against 0.869 for
+# q/v only (88 steps to 60; from 1.398), for 1.3 GB more peak memory (4.7 against 3.5 GB).
+LLAMA_STYLE_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_TARGETS |= dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"],
+                              LLAMA_STYLE_PROJECTIONS)
 PEFT_TASK_TYPES = {"clm": "CAUSAL_LM", "sft": "CAUSAL_LM", "dpo": "CAUSAL_LM", "rl": "CAUSAL_LM",
                    "classify": "SEQ_CLS", "reward": "SEQ_CLS", "qa": "QUESTION_ANS", "mlm": None}
 NEW_HEAD_TASKS = ("classify", "reward", "qa")

@@ -922,11 +922,13 @@ def _text(label: str, body: str, cls: str = "text") -> str:
     return f'<div class="label">{e(label)}</div><div class="{cls}">{body}</div>'
 
 
-def _completion_sample(s: dict) -> str:  # clm: {"prompt", "completions": [...]}
+def _completion_sample(s: dict, before: dict | None = None) -> str:  # clm: {"prompt", "completions": [...]}
     out = []
-    for i, c in enumerate(s.get("completions") or []):
-        label = "completion" if len(s["completions"]) == 1 else f"completion {i + 1}"
-        out.append(_text(label, f'{e(s.get("prompt"))}<span class="gen">{e(c)}</span>'))
+    for when, sample in (("before training · ", before), ("after training · " if before else "", s)):
+        completions = (sample or {}).get("completions") or []
+        for i, c in enumerate(completions):
+            label = when + ("completion" if len(completions) == 1 else f"completion {i + 1}")
+            out.append(_text(label, f'{e(sample.get("prompt"))}<span class="gen">{e(c)}</span>'))
     return "".join(out) or _text("prompt", e(s.get("prompt")))
 
 
@@ -1055,7 +1057,7 @@ def _samples_section(run: dict) -> str:
     for i, s in enumerate(after):
         b = before[i] if before and i < len(before) and isinstance(before[i], dict) else None
         if kind == "completion":
-            body = _completion_sample(s)
+            body = _completion_sample(s, b)
         elif kind == "fill":
             body = _fill_sample(s)
         elif kind == "qa":

@@ -51,6 +51,10 @@ def check_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
             break
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(f"output '{run_dir}' is a file; choose another --output or remove it.")
+    if run_dir.is_dir() and (overwrite or resume) and not (is_run_dir(run_dir) or not any(run_dir.iterdir())):
+        # --overwrite replaces, and a finished run resumed is replaced by its continuation: only ever a run dir
+        raise InputError(f"output '{run_dir}' is a folder lmtune did not write (not a run dir, not empty); lmtune "
+                         "replaces only its own run dirs -- choose another --output.")
     if run_dir.exists() and not (overwrite or resume):
         raise InputError(
             f"run dir '{run_dir}' already exists; pass --overwrite to replace it or --resume to continue it."
@@ -60,6 +64,18 @@ def check_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
             f"an interrupted run is in '{partial_dir(run_dir)}'; pass --resume to continue it or --overwrite "
             "to start over."
         )
+
+
+def is_run_dir(path: Path) -> bool:
+    """A folder lmtune wrote as a run: its status.json (every run since it was introduced), or the
+    config.yaml and metrics.json of a finished run written before that."""
+    status = path / "status.json"
+    if status.is_file():
+        try:
+            return "state" in json.loads(status.read_text(encoding="utf-8"))
+        except (OSError, ValueError, TypeError):
+            return False
+    return (path / "config.yaml").is_file() and (path / "metrics.json").is_file()
 
 
 def open_work_dir(run_dir: Path, overwrite: bool, resume: bool) -> Path:

@@ -132,6 +132,24 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, new_pad_t
     return tokenizer
 
 
+def leading_special_ids(tokenizer) -> list[int]:
+    """The ids a tokenizer puts before every text by itself: BOS for Llama 3 and Gemma (which degrade
+    badly without it), none for GPT-2 or SmolLM2. Texts tokenized piecewise (documents to pack, prompts
+    to answer) get them in front, as the model saw its training text."""
+    marked = list(tokenizer("a")["input_ids"])
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    for start in range(len(marked) - len(plain) + 1):
+        if marked[start : start + len(plain)] == plain:
+            return marked[:start]
+    return []
+
+
+def with_leading_ids(ids: list[int], prefix: list[int]) -> list[int]:
+    """`ids` with the tokenizer's leading special ids, unless they already start with them (a chat
+    template that writes BOS itself)."""
+    return list(ids) if not prefix or list(ids[: len(prefix)]) == prefix else [*prefix, *ids]
+
+
 def save_tokenizer(tokenizer, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,6 @@ rendering, packing; and a tiny GPT-2 tuned for real through the CLI that answers
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import yaml
@@ -23,7 +22,7 @@ from lmtune.tasks.sft import (
     tokenize_pairs,
 )
 
-from ..conftest import save_tiny_gpt2, with_changes
+from ..conftest import fact_rows, save_tiny_gpt2, with_changes
 from ..unit.test_report import assert_report
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -34,12 +33,7 @@ ARTICLE_TEMPLATE = "Please answer the following question.\nQ: {question}\nA: {an
 
 
 def colour_rows(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        animal = rng.choice(sorted(COLOURS))
-        rows.append({"question": f"What is the colour of the {animal}?", "answer": f"The {animal} is {COLOURS[animal]}."})
-    return rows
+    return fact_rows(COLOURS, "What is the colour of the {}?", "The {} is {}.", n, seed)
 
 
 @pytest.fixture(scope="module")

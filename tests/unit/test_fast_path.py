@@ -84,34 +84,76 @@ def test_linear_cross_entropy_under_bf16_autocast_follows_the_autocast_reference
     assert float(got.detach()) == pytest.approx(float(want), rel=1e-3)
 
 
-def tiny_causal_lm(model_type: str):
+def tiny_causal_lm(model_type: str, tied: bool = True, **changes):
     import transformers
 
-    common = dict(vocab_size=97, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    common = dict(vocab_size=97, bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=tied)
     small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                  intermediate_size=64, **common)
+    # Gemma: grouped-query attention (4 query heads, 1 key/value head) and a sliding-window layer, as Gemma 3.
+    gemma = dict(small, num_attention_heads=4, num_key_value_heads=1, head_dim=16)
     configs = {
         "gpt2": lambda: transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=32, **common),
         "llama": lambda: transformers.LlamaConfig(**small),
         "mistral": lambda: transformers.MistralConfig(**small),
         "qwen2": lambda: transformers.Qwen2Config(**small),
         "qwen3": lambda: transformers.Qwen3Config(head_dim=16, **small),
+        "gemma": lambda: transformers.GemmaConfig(**gemma),
+        "gemma2": lambda: transformers.Gemma2Config(**dict(gemma, final_logit_softcapping=None)),
+        "gemma3_text": lambda: transformers.Gemma3TextConfig(**dict(gemma, sliding_window=4,
+                                                                     layer_types=["sliding_attention",
+                                                                                  "full_attention"])),
     }
+    config = configs[model_type]()
+    for key, value in changes.items():
+        setattr(config, key, value)
     torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(configs[model_type]())
+    return transformers.AutoModelForCausalLM.from_config(config)
 
 
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("model_type", sorted(PLAIN_OUTPUT_LAYER_MODELS))
-def test_every_model_kind_on_the_fused_list_has_logits_from_its_decoder_alone(model_type, tmp_path):
-    model = tiny_causal_lm(model_type)
+def test_every_model_kind_on_the_fused_list_has_logits_from_its_decoder_alone(model_type, tied, tmp_path):
+    model = tiny_causal_lm(model_type, tied)
     trainer = LmtuneTrainer(model=model, args=training_arguments_for(tmp_path))
     decoder, head = fused_loss_modules(model, trainer)
+    assert (head.weight is model.get_input_embeddings().weight) == tied
     ids = torch.randint(1, 97, (2, 12))
     seen = []
     hook = decoder.register_forward_hook(lambda module, args, output: seen.append(output[0]))
     logits = model(input_ids=ids).logits
     hook.remove()
     assert torch.allclose(seen[0] @ head.weight.t(), logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type,tied", [("llama", True), ("llama", False), ("gemma3_text", True),
+                                             ("gemma3_text", False)])
+def test_the_fused_loss_equals_the_models_own_loss_and_gradients(model_type, tied, tmp_path):
+    """The training loss as LmtuneTrainer computes it (no logits) against the model's own, on a batch
+    with padding labels, and the gradients it gives every weight."""
+    batch = {"input_ids": torch.randint(1, 97, (3, 10))}
+    batch["labels"] = batch["input_ids"].clone()
+    batch["labels"][0, :4] = -100  # a prompt, as in instruction tuning
+    batch["labels"][2, 7:] = -100  # padding
+    losses, grads = [], []
+    for fused in (True, False):
+        model = tiny_causal_lm(model_type, tied)
+        model.train()
+        trainer = LmtuneTrainer(model=model, args=training_arguments_for(tmp_path), fused_loss=fused)
+        assert (trainer.fused_loss_modules is not None) == fused
+        loss = trainer.compute_loss(model, dict(batch))
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5), losses
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4), name
+
+
+def test_gemma_with_logit_soft_capping_keeps_its_own_loss(tmp_path):
+    model = tiny_causal_lm("gemma2", final_logit_softcapping=30.0)
+    assert fused_loss_modules(model, LmtuneTrainer(model=model, args=training_arguments_for(tmp_path))) is None
 
 
 def training_arguments_for(folder, **changes):

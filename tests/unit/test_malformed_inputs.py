@@ -290,6 +290,49 @@ def _(tmp, models):
     return train(tmp, clm(write(tmp, "d.jsonl", GOOD_JSONL))), ["an interrupted run is in", "--resume"]
 
 
+@case("--overwrite onto a folder of the user's")
+def _(tmp, models):
+    write(tmp, "out/run/notes.txt", "the user's own notes")
+    return train(tmp, clm(write(tmp, "d.jsonl", GOOD_JSONL)), "--overwrite"), ["did not write", "--output"]
+
+
+@case("--resume onto a folder of the user's")
+def _(tmp, models):
+    write(tmp, "out/run/checkpoints/notes.txt", "the user's own notes")
+    return train(tmp, clm(write(tmp, "d.jsonl", GOOD_JSONL)), "--resume"), ["did not write", "--output"]
+
+
+def finished_run(tmp: Path, models: Path) -> Path:
+    """A finished run dir as lmtune writes it (its model/ a copy of the tiny GPT-2)."""
+    import shutil
+
+    run = tmp / "runs" / "done"
+    shutil.copytree(models / "gpt2", run / "model")
+    write(tmp, "runs/done/config.yaml", yaml.safe_dump(pretrained("clm", models / "gpt2", "d.jsonl")))
+    write(tmp, "runs/done/metrics.json", "{}")
+    write(tmp, "runs/done/status.json", json.dumps({"state": "done"}))
+    return run
+
+
+@case("export onto the run it exports")
+def _(tmp, models):
+    run = finished_run(tmp, models)
+    return ["export", str(run), "--out", str(run), "--overwrite"], ["overlaps", "outside it"]
+
+
+@case("export into the run's own model folder")
+def _(tmp, models):
+    run = finished_run(tmp, models)
+    return ["export", str(run), "--out", str(run / "model" / "exported"), "--overwrite"], ["overlaps"]
+
+
+@case("export --overwrite onto a folder that is no model")
+def _(tmp, models):
+    run = finished_run(tmp, models)
+    write(tmp, "mine/notes.txt", "the user's own notes")
+    return ["export", str(run), "--out", str(tmp / "mine"), "--overwrite"], ["not a model folder"]
+
+
 IMMUTABLE: list[Path] = []  # folders made immutable for a case; the test lifts the flag afterwards
 
 

@@ -452,3 +452,31 @@ def test_block_dataset_over_cached_memory_mapped_blocks(tiny_tokenizer, cache_di
         batch = torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
     assert batch["input_ids"].dtype == torch.int64
     assert batch["input_ids"].tolist() == batch["labels"].tolist() == built.tolist()
+
+
+def test_documents_start_with_the_tokenizers_own_bos_where_it_adds_one(tmp_path, monkeypatch):
+    """Llama 3 and Gemma put BOS before every text; packed documents, generation prompts and SFT prompts
+    get it too (a GPT-2-style tokenizer adds nothing, and gets nothing)."""
+    from tokenizers import processors
+
+    from lmtune.tasks.clm import encode_prompts
+    from lmtune.tasks.sft import Pair, tokenize_pairs
+    from lmtune.tokenizer import leading_special_ids, train_bpe_tokenizer
+
+    monkeypatch.setenv("LMTUNE_CACHE", str(tmp_path))
+    docs = ["alpha beta gamma delta", "beta gamma", "gamma delta alpha beta gamma"]
+    tokenizer = train_bpe_tokenizer(docs * 20, vocab_size=300, min_frequency=1)
+    assert leading_special_ids(tokenizer) == []
+    tokenizer.add_special_tokens({"bos_token": "<bos>"})
+    bos = tokenizer.bos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", bos)])
+    assert leading_special_ids(tokenizer) == [bos]
+    plain = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs]
+    blocks, _ = prepare_blocks(docs, "bos-test", tokenizer, 4, "concat")
+    eos = tokenizer.eos_token_id
+    expected = [t for ids in plain for t in [bos, *ids, eos]]
+    assert blocks.reshape(-1).tolist() == expected[: len(blocks) * 4]
+    assert encode_prompts(tokenizer, ["beta gamma", "<bos>beta gamma"]) == [[bos, *plain[1]], [bos, *plain[1]]]
+    [feature] = tokenize_pairs(tokenizer, [Pair("beta", " gamma")], 32, completion_only=True, add_eos=True)
+    assert feature["input_ids"][0] == bos and feature["labels"][0] == -100

@@ -95,12 +95,18 @@ def _batches(texts: Sequence[str], max_docs: int, max_chars: int) -> Iterator[li
 
 
 def tokenize_texts(tokenizer, texts: Sequence[str], batch_size: int = TOKENIZE_BATCH,
-                   max_batch_chars: int = TOKENIZE_BATCH_CHARS, desc: str | None = None) -> Iterator[list[int]]:
-    """Token ids per document, without special tokens. Calls the Rust tokenizer's batch encoder
-    directly: the Python tokenizer wrapper adds per-call overhead and length warnings we don't want.
-    `desc`: show progress (documents) under that name."""
+                   max_batch_chars: int = TOKENIZE_BATCH_CHARS, desc: str | None = None,
+                   prefix: Sequence[int] = ()) -> Iterator[list[int]]:
+    """Token ids per document, without special tokens but `prefix` (the tokenizer's BOS, where it puts
+    one before every text). Calls the Rust tokenizer's batch encoder directly: the Python tokenizer
+    wrapper adds per-call overhead and length warnings we don't want. `desc`: show progress
+    (documents) under that name."""
     from lmtune.progress import progress
 
+    if prefix:
+        for ids in tokenize_texts(tokenizer, texts, batch_size, max_batch_chars, desc):
+            yield [*prefix, *ids]
+        return
     backend = _fast_backend(tokenizer)
     batches = _batches(texts, batch_size, max_batch_chars)
     if desc:
@@ -114,10 +120,11 @@ def tokenize_texts(tokenizer, texts: Sequence[str], batch_size: int = TOKENIZE_B
             yield from tokenizer(batch, add_special_tokens=False)["input_ids"]
 
 
-def tokenize_to_arrays(tokenizer, texts: Sequence[str], desc: str | None = None) -> list[np.ndarray]:
+def tokenize_to_arrays(tokenizer, texts: Sequence[str], desc: str | None = None,
+                       prefix: Sequence[int] = ()) -> list[np.ndarray]:
     """`tokenize_texts` with each document's ids as an int32 array: a Python list of ints costs about
     36 bytes a token, the array 4 (1 GB against 280 MB peak on the demo corpus)."""
-    return [np.asarray(ids, dtype=np.int32) for ids in tokenize_texts(tokenizer, texts, desc=desc)]
+    return [np.asarray(ids, dtype=np.int32) for ids in tokenize_texts(tokenizer, texts, desc=desc, prefix=prefix)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,11 +222,16 @@ def prepare_blocks(
     mode: str,
     use_cache: bool = True,
 ) -> tuple[np.ndarray, dict]:
-    """Blocks of token ids (int32, shape [n, block_size]) and what happened: tokens, dropped, cached."""
+    """Blocks of token ids (int32, shape [n, block_size]) and what happened: tokens, dropped, cached.
+    Each document starts with the tokenizer's own leading ids (BOS for Llama 3 and Gemma, none for
+    GPT-2) and, in concat packing, ends with EOS."""
+    from lmtune.tokenizer import leading_special_ids
+
+    prefix = leading_special_ids(tokenizer)
     key = hashlib.sha256(
         "|".join(
             [CACHE_VERSION, corpus_fingerprint, tokenizer_fingerprint(tokenizer), str(block_size), mode,
-             str(tokenizer.eos_token_id)]
+             str(tokenizer.eos_token_id)] + ([f"prefix{prefix}"] if prefix else [])
         ).encode()
     ).hexdigest()[:32]
     path = cache_root() / "blocks" / f"{key}.npy"
@@ -228,7 +240,7 @@ def prepare_blocks(
         if blocks is not None:
             return blocks, {"cached": True, "blocks": int(blocks.shape[0]), "cache_file": str(path)}
         path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt, never trusted
-    token_lists = tokenize_to_arrays(tokenizer, texts, desc="tokenizing")
+    token_lists = tokenize_to_arrays(tokenizer, texts, desc="tokenizing", prefix=prefix)
     blocks = pack(token_lists, block_size, mode, tokenizer.eos_token_id)
     n_tokens = int(sum(len(t) for t in token_lists)) + (len(token_lists) if mode == "concat" else 0)
     info = {
@@ -283,6 +295,9 @@ def positioned_blocks(docs: Iterable[tuple[Any, str]], tokenizer, block_size: in
     eos = tokenizer.eos_token_id
     if mode == "concat" and eos is None:
         raise ValueError("concat packing needs an EOS token id")
+    from lmtune.tokenizer import leading_special_ids
+
+    prefix = leading_special_ids(tokenizer)  # each document starts with it, as in `prepare_blocks`
     size = block_size
     carry = np.empty(0, dtype=np.int32)
     carry_pos: list = []  # positions of the documents the carried tokens come from
@@ -290,7 +305,7 @@ def positioned_blocks(docs: Iterable[tuple[Any, str]], tokenizer, block_size: in
     skip = int(skip_tokens)
     for batch in _doc_batches(docs, batch_docs, batch_chars):
         positions = [pos for pos, _ in batch]
-        ids = list(tokenize_texts(tokenizer, [text for _, text in batch]))
+        ids = list(tokenize_texts(tokenizer, [text for _, text in batch], prefix=prefix))
         if mode == "overflow":
             if skip:
                 ids[0] = ids[0][skip:]

@@ -185,7 +185,13 @@ def build_model(cfg: RecipeConfig, tokenizer, prepared: Prepared | None = None):
 
 
 def evaluate_run(model, prepared: Prepared, cfg: RecipeConfig) -> dict:
-    return evaluate(model, prepared.validation, cfg.training.eval_batch_size or cfg.training.batch_size)
+    """Validation perplexity, and the recipe's prompts completed (so before and after can be compared)."""
+    metrics = evaluate(model, prepared.validation, cfg.training.eval_batch_size or cfg.training.batch_size)
+    if cfg.generation.prompts:
+        metrics["samples"] = samples(model, prepared.tokenizer, cfg)
+        for i, sample in enumerate(metrics["samples"], 1):
+            log.info("prompt %d completed: %r", i, sample["completions"][0][:200])
+    return metrics
 
 
 def headline(metrics: dict) -> str:
@@ -247,26 +253,53 @@ def _length_batches(lengths: list[int], size: int = GENERATION_BATCH) -> list[li
     return [order[i : i + size] for i in range(0, len(order), size)]
 
 
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Prompt ids as the model saw text in training: the tokenizer's leading ids (BOS for Llama 3 or
+    Gemma) first unless the prompt already starts with them (a rendered chat), no other special ids."""
+    from lmtune.tokenizer import leading_special_ids, with_leading_ids
+
+    prefix = leading_special_ids(tokenizer)
+    return [with_leading_ids(ids, prefix) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The ids that end a reply: EOS, the chat template's end-of-turn token (`<|im_end|>`,
+    `<end_of_turn>`, `<|eot_id|>`), and those the model's generation config names."""
+    from lmtune.chat import end_of_turn_token
+
+    ids = [tokenizer.eos_token_id]
+    end = end_of_turn_token(tokenizer)
+    if end is not None:
+        ids.append(tokenizer.convert_tokens_to_ids(end))
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += configured if isinstance(configured, list) else [configured]
+    return [i for i in dict.fromkeys(ids) if isinstance(i, int) and i >= 0]
+
+
+def _left_padded(rows: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 @torch.no_grad()
 def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, **options) -> list[torch.Tensor]:
     """New token ids for each prompt (num_return_sequences rows each), using the KV cache, in batches
-    of prompts of similar length; left padding so every prompt ends where generation starts."""
+    of prompts of similar length; left padding so every prompt ends where generation starts. Generation
+    stops at any of `stop_token_ids`."""
     model.eval()
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    encoded = encode_prompts(tokenizer, prompts)
+    lengths = [len(ids) for ids in encoded]
     max_new_tokens = new_tokens_that_fit(model, lengths, max_new_tokens)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = stop_token_ids(model, tokenizer)
     new_ids: list[torch.Tensor | None] = [None] * len(prompts)
-    side = tokenizer.padding_side
     for batch in _length_batches(lengths):
-        tokenizer.padding_side = "left"
-        try:
-            enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
-        finally:
-            tokenizer.padding_side = side
-        enc = {k: v.to(device) for k, v in enc.items()}
+        enc = _left_padded([encoded[i] for i in batch], pad_id, device)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                             eos_token_id=tokenizer.eos_token_id, **options)
+                             eos_token_id=stops or None, **options)
         rows = out[:, enc["input_ids"].shape[1]:].view(len(batch), -1, out.shape[1] - enc["input_ids"].shape[1])
         for i, ids in zip(batch, rows):
             new_ids[i] = ids
@@ -288,10 +321,17 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, do_
 
 
 def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int = 64) -> list[list[int]]:
-    """Greedy new token ids per prompt, EOS included when the model produced it."""
+    """Greedy new token ids per prompt, cut after the first stop token (`stop_token_ids`) when the model
+    produced one (the padding after it dropped)."""
     if not prompts:
         return []
-    return [ids[0].tolist() for ids in _generate(model, tokenizer, prompts, max_new_tokens, do_sample=False)]
+    stops = set(stop_token_ids(model, tokenizer))
+    results = []
+    for ids in _generate(model, tokenizer, prompts, max_new_tokens, do_sample=False):
+        row = ids[0].tolist()
+        end = next((k for k, t in enumerate(row) if t in stops), None)
+        results.append(row if end is None else row[: end + 1])
+    return results
 
 
 def samples(model, tokenizer, cfg: RecipeConfig) -> list[dict]:

@@ -73,21 +73,34 @@ def split_shared_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
 
 
 def render_prompt(record: dict, template: str, location: str, where: str) -> str:
-    values = {name: str(required_field(record, name, location, where, "the prompt template uses it: fix "
-                                       "preference.prompt_template or the data"))
-              for name in template_fields(template)}
+    values = {}
+    for name in template_fields(template):
+        value = required_field(record, name, location, where, "the prompt template uses it: fix "
+                               "preference.prompt_template or the data")
+        values[name] = _text(value, name, location, where)
     return template.format(**values)
+
+
+def _text(value, name: str, location: str, where: str) -> str:
+    """A field that must hold text: numbers are written out, null and structures refused."""
+    if value is None or isinstance(value, (dict, list)):
+        kind = "null" if value is None else f"a {type(value).__name__}"
+        raise InputError(f"{where}: {location} has {kind} in field '{name}', where text is needed; fix the record "
+                         "(conversational records need preference.format: chat).")
+    return str(value)
 
 
 def has_explicit_prompt(record: dict, template: str) -> bool:
     return all(name in record for name in template_fields(template))
 
 
-def to_preference_pair(record: dict, cfg: RecipeConfig, location: str, where: str) -> PreferencePair:
+def to_preference_pair(record: dict, cfg: RecipeConfig, location: str, where: str, tokenizer=None) -> PreferencePair:
+    if chat_format(cfg):
+        return chat_preference_pair(record, cfg, tokenizer, location, where)
     p = cfg.preference
     fix = "set preference.chosen_field / rejected_field to the data's fields"
-    chosen = str(required_field(record, p.chosen_field, location, where, fix))
-    rejected = str(required_field(record, p.rejected_field, location, where, fix))
+    chosen = _text(required_field(record, p.chosen_field, location, where, fix), p.chosen_field, location, where)
+    rejected = _text(required_field(record, p.rejected_field, location, where, fix), p.rejected_field, location, where)
     template = prompt_template(cfg)
     if has_explicit_prompt(record, template):
         return PreferencePair(render_prompt(record, template, location, where), chosen, rejected)
@@ -96,10 +109,120 @@ def to_preference_pair(record: dict, cfg: RecipeConfig, location: str, where: st
     return PreferencePair(*split_shared_prompt(chosen, rejected))
 
 
-def read_pairs(src, cfg: RecipeConfig, where: str) -> list[PreferencePair]:
+# --------------------------------------------------------------------------------------------------
+# The chat format: every prompt through the model's chat template
+
+
+def chat_format(cfg: RecipeConfig) -> bool:
+    return cfg.preference.format == "chat"
+
+
+def is_conversational(record, cfg: RecipeConfig) -> bool:
+    """TRL's conversational form: chosen (and the prompt, when given) are lists of messages."""
+    return isinstance(record, dict) and isinstance(record.get(cfg.preference.chosen_field), list)
+
+
+def _messages(value, name: str, location: str, where: str) -> list[dict]:
+    if not isinstance(value, list) or not value or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value):
+        raise InputError(f"{where}: {location}, field '{name}' is not a list of {{role, content}} messages with text "
+                         "in both.")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _conversation(record: dict, cfg: RecipeConfig, location: str, where: str) -> tuple[list[dict], str, str]:
+    """(the messages before the replies, the chosen reply, the rejected reply) of a record in any of the
+    chat format's forms: TRL's conversational records (explicit or implicit prompt), a text prompt with
+    text replies, or two dialogues written as text."""
+    p = cfg.preference
+    fix = "set preference.chosen_field / rejected_field to the data's fields"
+    chosen = required_field(record, p.chosen_field, location, where, fix)
+    rejected = required_field(record, p.rejected_field, location, where, fix)
+    template = prompt_template(cfg)
+    prompt_value = record.get(p.prompt_field)
+    if isinstance(chosen, list) or isinstance(rejected, list):
+        chosen = _messages(chosen, p.chosen_field, location, where)
+        rejected = _messages(rejected, p.rejected_field, location, where)
+        if isinstance(prompt_value, list):
+            history = _messages(prompt_value, p.prompt_field, location, where)
+        elif has_explicit_prompt(record, template):
+            history = [{"role": "user", "content": render_prompt(record, template, location, where)}]
+        else:  # an implicit prompt: the conversations share everything but the last reply
+            history = chosen[:-1]
+            if rejected[:-1] != history:
+                raise InputError(f"{where}: {location}: chosen and rejected differ before their last reply and there "
+                                 "is no prompt field; give the shared prompt in its own field.")
+        if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+            raise InputError(f"{where}: {location}: the last message of chosen and of rejected must be the "
+                             "assistant's reply.")
+        return history, chosen[-1]["content"], rejected[-1]["content"]
+    chosen = _text(chosen, p.chosen_field, location, where)
+    rejected = _text(rejected, p.rejected_field, location, where)
+    if isinstance(prompt_value, list):
+        return _messages(prompt_value, p.prompt_field, location, where), chosen.strip(), rejected.strip()
+    if has_explicit_prompt(record, template):
+        user = render_prompt(record, template, location, where)
+        return [{"role": "user", "content": user}], chosen.strip(), rejected.strip()
+    from lmtune.chat import transcript_messages
+
+    good = transcript_messages(chosen, p.transcript_roles, f"{where}: {location}")
+    bad = transcript_messages(rejected, p.transcript_roles, f"{where}: {location}")
+    if good[-1]["role"] != "assistant" or bad[-1]["role"] != "assistant":
+        raise InputError(f"{where}: {location}: the dialogues must end with the assistant's reply.")
+    return good[:-1], good[-1]["content"], bad[-1]["content"]
+
+
+def _with_system(history: list[dict], cfg: RecipeConfig) -> list[dict]:
+    system = cfg.preference.system_prompt
+    if system is None or (history and history[0]["role"] == "system"):
+        return history
+    return [{"role": "system", "content": system}, *history]
+
+
+def chat_preference_pair(record: dict, cfg: RecipeConfig, tokenizer, location: str, where: str) -> PreferencePair:
+    """The prompt as the chat template renders the conversation so far (with its generation prompt), each
+    reply as the template writes an assistant turn, up to its end-of-turn token."""
+    from lmtune.chat import end_of_turn_token, render_turn, require_chat_template
+
+    require_chat_template(tokenizer, "preference.format chat")
+    history, chosen, rejected = _conversation(record, cfg, location, where)
+    history = _with_system(history, cfg)
+    end = end_of_turn_token(tokenizer)
+    prompt, chosen_text = render_turn(tokenizer, history, chosen, end)
+    _, rejected_text = render_turn(tokenizer, history, rejected, end)
+    return PreferencePair(prompt, chosen_text, rejected_text)
+
+
+def chat_prompt(tokenizer, cfg: RecipeConfig, user_text: str) -> str:
+    """A user's text as a chat prompt (samples, `lmtune predict` of a chat-format dpo/rl run)."""
+    from lmtune.chat import require_chat_template, user_turn_prompt
+
+    require_chat_template(tokenizer, "preference.format chat")
+    return user_turn_prompt(tokenizer, user_text, cfg.preference.system_prompt)
+
+
+def resolve_format(cfg: RecipeConfig, first_record) -> None:
+    """format auto -> chat for conversational records or a policy that is a chat-format lmtune run, else
+    text; the resolved format goes into the run's config.yaml, which `lmtune predict` reads."""
+    if cfg.preference.format != "auto":
+        return
+    chat = is_conversational(first_record, cfg)
+    policy = Path(cfg.model.name_or_path or "").expanduser() / "config.yaml"
+    if not chat and cfg.task in ("dpo", "rl") and policy.is_file():
+        run = validate_recipe(load_yaml(policy.read_text(encoding="utf-8")), origin=f"'{policy}'")
+        chat = (run.task == "sft" and run.sft.format == "chat") or (
+            run.task in ("dpo", "rl") and run.preference.format == "chat")
+    cfg.preference.format = "chat" if chat else "text"
+    if chat:
+        log.info("preference.format: chat (prompts and replies through the model's chat template)")
+
+
+def read_pairs(src, cfg: RecipeConfig, where: str, tokenizer=None) -> list[PreferencePair]:
     records = load_records(src, where)
     log.info(records.stats.summary(where, "pairs"))
-    pairs = [to_preference_pair(record, cfg, location, where) for location, record in records.rows]
+    resolve_format(cfg, records.rows[0][1] if records.rows else None)
+    pairs = [to_preference_pair(record, cfg, location, where, tokenizer) for location, record in records.rows]
     same = sum(pair.chosen == pair.rejected for pair in pairs)
     if same == len(pairs):
         raise InputError(f"{where}: in every pair the chosen reply equals the rejected one, so there is no "
@@ -110,17 +233,22 @@ def read_pairs(src, cfg: RecipeConfig, where: str) -> list[PreferencePair]:
     return [pair for pair in pairs if pair.chosen != pair.rejected]
 
 
-def read_prompts(src, cfg: RecipeConfig, where: str) -> list[str]:
-    """Task rl: prompts rendered with the template, or the shared start of a chosen/rejected pair."""
+def read_prompts(src, cfg: RecipeConfig, where: str, tokenizer=None) -> list[str]:
+    """Task rl: prompts rendered with the template, or the shared start of a chosen/rejected pair (in the
+    chat format, through the chat template)."""
     records = load_records(src, where)
     log.info(records.stats.summary(where, "prompts"))
+    resolve_format(cfg, records.rows[0][1] if records.rows else None)
     template = prompt_template(cfg)
     prompts = []
     for location, record in records.rows:
-        if has_explicit_prompt(record, template) or cfg.preference.chosen_field not in record:
-            prompts.append(render_prompt(record, template, location, where))
+        explicit = has_explicit_prompt(record, template) or cfg.preference.chosen_field not in record
+        if not explicit or chat_format(cfg) and cfg.preference.chosen_field in record:
+            prompts.append(to_preference_pair(record, cfg, location, where, tokenizer).prompt)
+        elif chat_format(cfg):
+            prompts.append(chat_prompt(tokenizer, cfg, render_prompt(record, template, location, where)))
         else:
-            prompts.append(to_preference_pair(record, cfg, location, where).prompt)
+            prompts.append(render_prompt(record, template, location, where))
     prompts = [p for p in prompts if p.strip()]
     if not prompts:
         raise InputError(f"{where}: no non-empty prompt; check preference.prompt_field / prompt_template.")
@@ -177,7 +305,9 @@ def encode_for_reward(tokenizer, texts: list[str], max_length: int) -> list[list
         ids = tokenizer(texts, truncation=True, max_length=max_length if closed else max_length - 1)["input_ids"]
     finally:
         tokenizer.truncation_side = side
-    return ids if closed else [row + [tokenizer.eos_token_id] for row in ids]
+    eos = tokenizer.eos_token_id
+    # A chat reply that the template already closed with EOS (SmolLM2's <|im_end|>) does not get a second.
+    return ids if closed else [row if row and row[-1] == eos else row + [eos] for row in ids]
 
 
 @torch.no_grad()
@@ -257,16 +387,26 @@ def evaluate_reward(scorer: RewardScorer, pairs: list[PreferencePair]) -> dict:
 def tokenize_preference(tokenizer, pairs: list[PreferencePair], max_length: int, max_prompt_length: int) -> list[dict]:
     """prompt_ids (its last max_prompt_length tokens) and each reply's ids + EOS, cut so prompt + reply
     fits max_length -- the fields TRL's DPO collator reads."""
+    from lmtune.chat import end_of_turn_token
+    from lmtune.tokenizer import leading_special_ids, with_leading_ids
+
     eos = tokenizer.eos_token_id
+    end = end_of_turn_token(tokenizer)
+    closing = {eos, tokenizer.convert_tokens_to_ids(end) if end else eos}
+    prefix = leading_special_ids(tokenizer)  # BOS for Llama 3 or Gemma, unless a chat template wrote it
+
+    def closed(reply: list[int]) -> list[int]:  # a reply the chat template ended needs no EOS after it
+        return reply if reply and reply[-1] in closing else reply + [eos]
+
     prompts = tokenizer([p.prompt for p in pairs], add_special_tokens=False)["input_ids"]
     chosen = tokenizer([p.chosen for p in pairs], add_special_tokens=False)["input_ids"]
     rejected = tokenizer([p.rejected for p in pairs], add_special_tokens=False)["input_ids"]
     features = []
     for prompt, good, bad in zip(prompts, chosen, rejected):
+        prompt = with_leading_ids(prompt, prefix)
         prompt = prompt[-max_prompt_length:]
         room = max(max_length - len(prompt), 1)
-        features.append({"prompt_ids": prompt, "chosen_ids": (good + [eos])[:room],
-                         "rejected_ids": (bad + [eos])[:room]})
+        features.append({"prompt_ids": prompt, "chosen_ids": closed(good)[:room], "rejected_ids": closed(bad)[:room]})
     return features
 
 
@@ -350,12 +490,12 @@ def evaluate_rl(model, tokenizer, prompts: list[str], scorer: RewardScorer, cfg:
 # The task's pieces for the pipeline (run.py)
 
 
-def _split(cfg: RecipeConfig, reader):
+def _split(cfg: RecipeConfig, reader, tokenizer):
     from lmtune.data.sources import split_train_validation
 
-    train = reader(cfg.data.train, cfg, "data.train")
+    train = reader(cfg.data.train, cfg, "data.train", tokenizer)
     if cfg.data.validation is not None:
-        val = reader(cfg.data.validation, cfg, "data.validation")
+        val = reader(cfg.data.validation, cfg, "data.validation", tokenizer)
     else:
         train, val = split_train_validation(train, cfg.data.validation_fraction, cfg.data.split_seed)
     p = cfg.preference
@@ -377,7 +517,7 @@ def prepare(cfg: RecipeConfig) -> Prepared:
     p = cfg.preference
     if cfg.task == "rl":
         return _prepare_rl(cfg, tokenizer, datasets)
-    train, val = _split(cfg, read_pairs)
+    train, val = _split(cfg, read_pairs, tokenizer)
     info = {"train_pairs": len(train), "validation_pairs": len(val),
             "example": {"prompt": train[0].prompt, "chosen": train[0].chosen, "rejected": train[0].rejected}}
     log.info("%s: %d training and %d validation pairs; first prompt ends %r", cfg.task, len(train), len(val),
@@ -421,7 +561,7 @@ def _prepare_rl(cfg: RecipeConfig, tokenizer, datasets) -> Prepared:
     if type(scorer.tokenizer) is not type(tokenizer) or scorer.tokenizer.get_vocab() != tokenizer.get_vocab():
         log.info("the reward model's tokenizer differs from the policy's: completions are decoded to text and "
                  "re-tokenised for scoring")
-    train, val = _split(cfg, read_prompts)
+    train, val = _split(cfg, read_prompts, tokenizer)
     train = cut_prompts(tokenizer, train, p.max_prompt_length)
     val = cut_prompts(tokenizer, val, p.max_prompt_length)
     info = {"train_prompts": len(train), "validation_prompts": len(val), "algorithm": r.algorithm,
@@ -496,7 +636,7 @@ def samples(model, tokenizer, cfg: RecipeConfig) -> list[dict]:
     if not records:
         return []
     if cfg.task == "reward":
-        pairs = [to_preference_pair(r, cfg, f"preference.samples[{i}]", "preference.samples")
+        pairs = [to_preference_pair(r, cfg, f"preference.samples[{i}]", "preference.samples", tokenizer)
                  for i, r in enumerate(records)]
         scorer = RewardScorer(model, tokenizer, cfg.preference.max_length)
         chosen, rejected = scorer.score([p.prompt + p.chosen for p in pairs]), scorer.score(
@@ -505,11 +645,18 @@ def samples(model, tokenizer, cfg: RecipeConfig) -> list[dict]:
                  "reward_rejected": float(r)} for p, c, r in zip(pairs, chosen, rejected)]
     from lmtune.tasks.sft import answer
 
-    template = prompt_template(cfg)
-    prompts = [render_prompt(r, template, f"preference.samples[{i}]", "preference.samples")
-               for i, r in enumerate(records)]
+    prompts = policy_prompts(cfg, tokenizer, records, "preference.samples")
     return answer(model, tokenizer, prompts, cfg.rl.max_completion_length if cfg.task == "rl"
                   else cfg.generation.max_new_tokens)
+
+
+def policy_prompts(cfg: RecipeConfig, tokenizer, records: list[dict], where: str) -> list[str]:
+    """Records rendered as the policy's prompts: with the prompt template, then (chat format) as the user's
+    turn through the chat template."""
+    template = prompt_template(cfg)
+    prompts = [render_prompt(r, template, f"prompt {i + 1}" if where == "predict" else f"{where}[{i}]", where)
+               for i, r in enumerate(records)]
+    return [chat_prompt(tokenizer, cfg, p) for p in prompts] if chat_format(cfg) else prompts
 
 
 def load_for_inference(model_dir: str | Path, task: str = "dpo"):

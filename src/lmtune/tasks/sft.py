@@ -18,6 +18,7 @@ pipeline's Trainer (keytoken loss, logging, resume) serves every task.
 from __future__ import annotations
 
 import logging
+import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +51,18 @@ ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a respo
 
 @dataclass
 class Pair:
+    """One example: what the model reads (`prompt`) and learns to write (`response`). A conversation
+    with several assistant turns learnt keeps them all in `segments`, (text, trained) pieces in order;
+    `eos` says whether EOS is added after the response (not where the chat template already ends the
+    turn with its own end token)."""
+
     prompt: str
     response: str
+    segments: list[tuple[str, bool]] | None = None
+    eos: bool = True
+
+    def pieces(self) -> list[tuple[str, bool]]:
+        return self.segments if self.segments is not None else [(self.prompt, False), (self.response, True)]
 
 
 def template_fields(template: str) -> list[str]:
@@ -71,16 +82,29 @@ def split_template(template: str, response_field: str) -> tuple[str, str]:
     return prompt, tail
 
 
-def _value(record: dict, name: str, location: str, where: str) -> str:
+def _value(record: dict, name: str, location: str, where: str, sft: SFTConfig | None = None) -> str:
     value = required_field(record, name, location, where, "the template uses it: fix sft.template or the data")
-    return "" if value is None else str(value)
+    if value is None:
+        raise InputError(f"{where}: {location} has null in field '{name}', which the template needs as text; fill "
+                         "it in or drop the record.")
+    if isinstance(value, (dict, list)):
+        raise InputError(f"{where}: {location} has a {type(value).__name__} in field '{name}', which the template "
+                         "needs as text; point the template at a text field.")
+    words = (sft.field_values.get(name) if sft is not None else None) or {}
+    if words:
+        named = {str(key): word for key, word in words.items()}
+        if str(value) not in named:
+            raise InputError(f"{where}: {location} has {str(value)[:40]!r} in field '{name}', which "
+                             f"sft.field_values.{name} does not name ({', '.join(named)}); add it there.")
+        return named[str(value)]
+    return str(value)
 
 
 def render_template(record: dict, sft: SFTConfig, location: str, where: str, with_response: bool = True) -> Pair:
     prompt_part, tail = split_template(sft.template, sft.response_field)
-    values = {name: _value(record, name, location, where) for name in template_fields(prompt_part)}
+    values = {name: _value(record, name, location, where, sft) for name in template_fields(prompt_part)}
     prompt = prompt_part.format(**values)
-    response = (_value(record, sft.response_field, location, where) + tail) if with_response else ""
+    response = (_value(record, sft.response_field, location, where, sft) + tail) if with_response else ""
     return Pair(prompt, response)
 
 
@@ -92,28 +116,61 @@ def render_alpaca(record: dict, location: str, where: str, with_response: bool =
     return Pair(template.format(instruction=instruction, input=extra), response)
 
 
+def _chat_messages(record: dict, sft: SFTConfig, location: str, where: str, with_response: bool) -> list[dict]:
+    """The record's conversation: its messages, or one user turn from sft.user_template (and the reply
+    from sft.response_field); sft.system_prompt first when there is no system message."""
+    if sft.messages_field in record or sft.user_template is None:
+        messages = record.get(sft.messages_field)
+        if not isinstance(messages, list) or not messages:
+            raise InputError(f"{where}: {location} needs '{sft.messages_field}', a list of {{role, content}} "
+                             "messages (or set sft.user_template to build one from the record's fields).")
+        for i, m in enumerate(messages):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise InputError(f"{where}: {location}, {sft.messages_field}[{i}] is not a {{role, content}} message "
+                                 "with text in both (null or another type found).")
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    else:
+        values = {name: _value(record, name, location, where, sft) for name in template_fields(sft.user_template)}
+        messages = [{"role": "user", "content": sft.user_template.format(**values)}]
+        if with_response:
+            messages.append({"role": "assistant",
+                             "content": _value(record, sft.response_field, location, where, sft)})
+    if sft.system_prompt is not None and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": sft.system_prompt})
+    return messages
+
+
 def render_chat(record: dict, sft: SFTConfig, tokenizer, location: str, where: str,
                 with_response: bool = True) -> Pair:
-    """The conversation up to the last assistant turn is the prompt (with the generation prompt the
-    chat template adds); that turn's rendering is the response."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise InputError("sft.format chat needs a tokenizer with a chat template; this one has none -- use "
-                         "sft.format template.")
-    messages = record.get(sft.messages_field)
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m)
-                                                 for m in messages):
-        raise InputError(f"{where}: {location} needs '{sft.messages_field}': a list of {{role, content}} messages.")
-    if with_response and (not messages or messages[-1]["role"] != "assistant"):
-        raise InputError(f"{where}: the last message in {location} must be the assistant's reply to learn.")
-    history = messages[:-1] if with_response else messages
-    prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+    """The conversation through the tokenizer's chat template. Learnt: the assistant turns (every one,
+    or the last with sft.assistant_turns: last), each up to and including the template's end-of-turn
+    token, which is then the model's stop signal (no EOS added after it); everything else -- system,
+    user turns, the template's role headers -- is read, not learnt. Without the response (samples,
+    predict) the prompt is the conversation with the template's generation prompt."""
+    from lmtune.chat import end_of_turn_token, render_turn, require_chat_template
+
+    require_chat_template(tokenizer, "sft.format chat")
+    messages = _chat_messages(record, sft, location, where, with_response)
     if not with_response:
-        return Pair(prompt, "")
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    if not full.startswith(prompt):
-        raise InputError("the tokenizer's chat template renders the conversation differently with and without its "
-                         "last reply, so the reply cannot be told from the prompt; use sft.format template.")
-    return Pair(prompt, full[len(prompt):])
+        return Pair(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), "")
+    if messages[-1]["role"] != "assistant":
+        raise InputError(f"{where}: the last message in {location} must be the assistant's reply to learn.")
+    end = end_of_turn_token(tokenizer)
+    learnt = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if sft.assistant_turns == "last":
+        learnt = learnt[-1:]
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i in learnt:
+        before, reply = render_turn(tokenizer, messages[:i], messages[i]["content"], end)
+        if not before.startswith(done):
+            raise InputError("the tokenizer's chat template renders earlier turns differently once a later turn "
+                             "follows, so the replies cannot be told from the rest; set sft.assistant_turns: last "
+                             "(or use sft.format template).")
+        segments += [(before[len(done):], False), (reply, True)]
+        done = before + reply
+    prompt = "".join(text for text, _ in segments[:-1])
+    return Pair(prompt, segments[-1][0], segments if len(learnt) > 1 else None, eos=end is None)
 
 
 def render_transcript(record: dict, sft: SFTConfig, location: str, where: str, with_response: bool = True) -> Pair:
@@ -146,18 +203,34 @@ def to_pair(record: dict, cfg: RecipeConfig, tokenizer, location: str, where: st
 # Tokens and labels
 
 
-def tokenize_pairs(tokenizer, pairs: list[Pair], max_length: int, completion_only: bool, add_eos: bool) -> list[dict]:
-    """input_ids = prompt + response (+ EOS), cut to max_length; labels = input_ids with the prompt's
-    positions set to -100 when the loss is on the response only. Prompt and response are tokenized
-    separately so the boundary is exact whatever the tokenizer merges across it."""
-    prompts = tokenizer([p.prompt for p in pairs], add_special_tokens=False)["input_ids"]
-    responses = tokenizer([p.response for p in pairs], add_special_tokens=False)["input_ids"]
+def tokenize_pairs(tokenizer, pairs: list[Pair], max_length: int, completion_only: bool, add_eos: bool,
+                   leading: bool = True) -> list[dict]:
+    """input_ids = the example's pieces (prompt, response, and for multi-turn chats every turn) (+ EOS),
+    cut to max_length; labels = input_ids with the pieces that are read, not learnt, set to -100 when
+    the loss is on the responses only. The pieces are tokenized separately so the boundaries are exact
+    whatever the tokenizer merges across them. `leading`: the tokenizer's own leading ids (BOS for
+    Llama 3 or Gemma) go first unless the text already starts with them (a chat template writing BOS)."""
+    from lmtune.tokenizer import leading_special_ids, with_leading_ids
+
+    pieces = [pair.pieces() for pair in pairs]
+    flat = [text for example in pieces for text, _ in example]
+    encoded = iter(tokenizer(flat, add_special_tokens=False)["input_ids"]) if flat else iter(())
+    prefix = leading_special_ids(tokenizer) if leading else []
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
     features = []
-    for p_ids, r_ids in zip(prompts, responses):
-        ids = (list(p_ids) + list(r_ids) + eos)[:max_length]
-        labels = ([IGNORE] * len(p_ids) if completion_only else list(p_ids)) + list(r_ids) + eos
-        features.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels[:max_length]})
+    for pair, example in zip(pairs, pieces):
+        ids: list[int] = []
+        labels: list[int] = []
+        for _, trained in example:
+            piece = list(next(encoded))
+            ids += piece
+            labels += piece if trained or not completion_only else [IGNORE] * len(piece)
+        if with_leading_ids(ids, prefix) != ids:
+            ids, labels = prefix + ids, [IGNORE] * len(prefix) + labels
+        if pair.eos and eos:
+            ids, labels = ids + eos, labels + eos
+        features.append({"input_ids": ids[:max_length], "attention_mask": [1] * len(ids[:max_length]),
+                         "labels": labels[:max_length]})
     return features
 
 
@@ -226,8 +299,10 @@ def prepare(cfg: RecipeConfig) -> Prepared:
         train, val = split_train_validation(train, cfg.data.validation_fraction, cfg.data.split_seed)
     train = [train[i] for i in seeded_subset(np.arange(len(train)), s.max_train_examples, cfg.training.seed)]
     val = [val[i] for i in seeded_subset(np.arange(len(val)), s.max_validation_examples, cfg.training.seed)]
-    train_features = tokenize_pairs(tokenizer, train, s.max_length, s.completion_only_loss, s.add_eos)
-    val_features = tokenize_pairs(tokenizer, val, s.max_length, True, s.add_eos)  # evaluated on responses
+    # A chat template decides itself whether the conversation starts with BOS.
+    leading = s.format != "chat"
+    train_features = tokenize_pairs(tokenizer, train, s.max_length, s.completion_only_loss, s.add_eos, leading)
+    val_features = tokenize_pairs(tokenizer, val, s.max_length, True, s.add_eos, leading)  # evaluated on responses
     for where, features in (("data.train", train_features), ("data.validation", val_features)):
         if not any(label != IGNORE for f in features for label in f["labels"]):
             raise InputError(f"{where}: sft.max_length {s.max_length} cuts away every response (the prompts fill "
@@ -244,7 +319,7 @@ def prepare(cfg: RecipeConfig) -> Prepared:
     log.info("SFT: %d training and %d validation examples; first prompt: %r", len(train), len(val), train[0].prompt)
     collator = PadCollator(tokenizer.pad_token_id)
     return Prepared(tokenizer, FeatureDataset(train_features), val_features, info,
-                    eval_dataset=FeatureDataset(val_features), collator=collator)
+                    eval_dataset=FeatureDataset(val_features), collator=collator, extra={"validation_pairs": val})
 
 
 def build_model(cfg: RecipeConfig, tokenizer, prepared: Prepared | None = None):
@@ -284,14 +359,16 @@ def evaluate(model, features: list[dict], pad_id: int, batch_size: int = 16) -> 
 
 
 def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 64) -> list[dict]:
-    """Greedy completions of rendered prompts; `stopped` says whether the model ended with EOS."""
-    from lmtune.tasks.clm import generate_ids
+    """Greedy completions of rendered prompts; `stopped_at_eos` says whether the model ended its reply
+    itself (EOS or the chat template's end-of-turn token)."""
+    from lmtune.tasks.clm import generate_ids, stop_token_ids
 
+    stops = set(stop_token_ids(model, tokenizer))
     results = []
     for prompt, ids in zip(prompts, generate_ids(model, tokenizer, prompts, max_new_tokens)):
-        stopped = tokenizer.eos_token_id in ids
+        stopped = bool(ids) and ids[-1] in stops
         if stopped:
-            ids = ids[: ids.index(tokenizer.eos_token_id)]
+            ids = ids[:-1]
         results.append({"prompt": prompt, "response": tokenizer.decode(ids, skip_special_tokens=True),
                         "stopped_at_eos": stopped})
     return results
@@ -302,17 +379,59 @@ def sample_prompts(cfg: RecipeConfig, tokenizer) -> list[str]:
             for i, record in enumerate(cfg.sft.samples)]
 
 
+def final_answer(text: str, pattern: re.Pattern) -> str | None:
+    """The first group of the pattern's first match, normalised (case, spaces, thousands commas, a
+    closing full stop), or None where the text has none."""
+    match = pattern.search(text)
+    if match is None or match.group(1) is None:
+        return None
+    answer = " ".join(match.group(1).split()).lower().rstrip(".")
+    return answer.replace(",", "") if re.fullmatch(r"[-+$]?[\d,]*\.?\d+", answer) else answer
+
+
+def answer_accuracy(model, tokenizer, pairs: list[Pair], sft: SFTConfig) -> dict:
+    """Held-out prompts answered greedily; the share whose final answer (sft.answer_pattern) equals the
+    reference's. `answers_found`: the share of generations that state an answer at all."""
+    pattern = re.compile(sft.answer_pattern, re.IGNORECASE)
+    specials = [t for t in tokenizer.all_special_tokens if t]
+
+    def reference(pair: Pair) -> str | None:  # the reply as text, without the template's end token
+        text = pair.response
+        for token in specials:
+            text = text.replace(token, "")
+        return final_answer(text, pattern)
+
+    pairs = [p for p in pairs if reference(p) is not None][: sft.answer_examples]
+    mine = distributed.shard(len(pairs))
+    correct = found = 0
+    for batch_start in range(mine.start, mine.stop, 16):
+        batch = pairs[batch_start : min(batch_start + 16, mine.stop)]
+        for pair, result in zip(batch, answer(model, tokenizer, [p.prompt for p in batch], sft.answer_max_new_tokens)):
+            said = final_answer(result["response"], pattern)
+            found += said is not None
+            correct += said is not None and said == reference(pair)
+    correct, found = distributed.sum_across([correct, found])
+    n = max(len(pairs), 1)
+    return {"answer_accuracy": correct / n, "answers_found": found / n, "answer_examples": len(pairs)}
+
+
 def evaluate_run(model, prepared: Prepared, cfg: RecipeConfig) -> dict:
     metrics = evaluate(model, prepared.validation, prepared.tokenizer.pad_token_id,
                        cfg.training.eval_batch_size or cfg.training.batch_size)
+    if cfg.sft.answer_pattern:
+        metrics.update(answer_accuracy(model, prepared.tokenizer, prepared.extra["validation_pairs"], cfg.sft))
     if cfg.sft.samples:
         metrics["samples"] = samples(model, prepared.tokenizer, cfg)
     return metrics
 
 
 def headline(metrics: dict) -> str:
-    return (f"response perplexity {metrics['perplexity']:.2f} (loss {metrics['loss']:.4f}, "
+    text = (f"response perplexity {metrics['perplexity']:.2f} (loss {metrics['loss']:.4f}, "
             f"{metrics['response_tokens']} tokens)")
+    if "answer_accuracy" in metrics:
+        text += (f", answer accuracy {metrics['answer_accuracy']:.1%} of {metrics['answer_examples']} "
+                 f"({metrics['answers_found']:.0%} stated an answer)")
+    return text
 
 
 def samples(model, tokenizer, cfg: RecipeConfig) -> list[dict]:

@@ -288,9 +288,10 @@ def is_causal_lm(model) -> bool:
     return _has_head(model, "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")
 
 
-# Causal LMs whose logits are just their output layer applied to the last hidden states (no scaling or
-# soft-capping), checked by tests/unit/test_fast_path.py: the fused loss may stand in for theirs.
-PLAIN_OUTPUT_LAYER_MODELS = {"gpt2", "llama", "mistral", "qwen2", "qwen3"}
+# Causal LMs whose logits are just their output layer applied to the last hidden states (no scaling;
+# Gemma's soft-capping only where its config sets one, which then rules the fused loss out), checked by
+# tests/unit/test_fast_path.py: the fused loss may stand in for theirs.
+PLAIN_OUTPUT_LAYER_MODELS = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"}
 
 
 def fused_loss_modules(model, trainer: Trainer):
@@ -301,7 +302,8 @@ def fused_loss_modules(model, trainer: Trainer):
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled or not is_causal_lm(model):
         return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base.config, "model_type", None) not in PLAIN_OUTPUT_LAYER_MODELS:
+    if (getattr(base.config, "model_type", None) not in PLAIN_OUTPUT_LAYER_MODELS
+            or getattr(base.config, "final_logit_softcapping", None) is not None):
         return None
     decoder = getattr(base, base.base_model_prefix, None)
     head = base.get_output_embeddings()
