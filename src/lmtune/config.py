@@ -19,8 +19,19 @@ from lmtune.errors import InputError
 DEFAULT_CODE_KEYWORDS = ["pandas", "sklearn", "matplotlib", "seaborn"]
 
 
+# Upper bounds that any real run stays far below: a value past them is a typo or an overflow, refused at load
+# instead of crashing (or trying to allocate terabytes) later.
+MAX_TOKENS = 1_048_576  # a sequence, block, window or generation length
+MAX_VOCAB = 4_194_304  # Gemma's is 262,144
+MAX_COUNT = 10**12  # examples, blocks, documents
+MAX_STEPS = 10**10
+MAX_BATCH = 1_048_576
+MAX_SEED = 2**32 - 1  # numpy's seeds
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan: inf and nan are never a setting (`.inf` in YAML passed every `gt=0` before).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SourceConfig(Section):
@@ -45,7 +56,7 @@ class SourceConfig(Section):
     roots: list[Literal["stdlib", "site-packages"]] = Field(
         default_factory=lambda: ["stdlib", "site-packages"], description="python-code: where to harvest .py files."
     )
-    max_documents: int | None = Field(None, gt=0)
+    max_documents: int | None = Field(None, gt=0, le=MAX_COUNT)
     streaming: bool = False
 
     @model_validator(mode="after")
@@ -67,17 +78,17 @@ class DataConfig(Section):
     train: SourceConfig
     validation: SourceConfig | None = None
     validation_fraction: float = Field(0.1, gt=0, lt=1, description="Held out when no validation source is given.")
-    split_seed: int = 42
-    block_size: int = Field(128, ge=2)
+    split_seed: int = Field(42, ge=0, le=MAX_SEED)
+    block_size: int = Field(128, ge=2, le=MAX_TOKENS)
     packing: Literal["concat", "overflow"] = Field(
         "concat",
         description="'concat': join documents (EOS between) and cut into blocks; "
         "'overflow': per-document chunks, only full-length ones kept.",
     )
-    max_train_blocks: int | None = Field(None, gt=0, description="A seeded random subset of training blocks.")
-    max_validation_blocks: int | None = Field(None, gt=0)
+    max_train_blocks: int | None = Field(None, gt=0, le=MAX_COUNT, description="A seeded random subset of training blocks.")
+    max_validation_blocks: int | None = Field(None, gt=0, le=MAX_COUNT)
     shuffle_buffer: int = Field(
-        8192, ge=0, description="Streaming (data.train.streaming): blocks are shuffled in windows of this many, "
+        8192, ge=0, le=MAX_COUNT, description="Streaming (data.train.streaming): blocks are shuffled in windows of this many, "
         "seeded by training.seed and the epoch (files are read in a shuffled order too); 0 keeps the stream's order.")
 
 
@@ -87,11 +98,11 @@ MASKED_ARCHITECTURES = ("bert", "roberta")
 
 class FromScratchConfig(Section):
     architecture: Literal["gpt2", "llama", "bert", "roberta"] = "gpt2"
-    n_layer: int = Field(4, ge=1)
-    n_head: int = Field(4, ge=1)
-    n_embd: int = Field(256, ge=8)
-    n_positions: int | None = Field(None, ge=2, description="Context length; defaults to data.block_size.")
-    intermediate_size: int | None = Field(None, ge=8, description="Llama/BERT/RoBERTa; defaults to 4*n_embd.")
+    n_layer: int = Field(4, ge=1, le=1024)
+    n_head: int = Field(4, ge=1, le=1024)
+    n_embd: int = Field(256, ge=8, le=65536)
+    n_positions: int | None = Field(None, ge=2, le=MAX_TOKENS, description="Context length; defaults to data.block_size.")
+    intermediate_size: int | None = Field(None, ge=8, le=1_048_576, description="Llama/BERT/RoBERTa; defaults to 4*n_embd.")
     dropout: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
@@ -119,9 +130,9 @@ class TokenizerConfig(Section):
     WordPiece (BERT), after model.from_scratch.architecture."""
 
     train: bool = False
-    vocab_size: int = Field(8192, description="Includes the 256 byte symbols and the special tokens.")
-    min_frequency: int = Field(2, ge=1)
-    max_training_bytes: int | None = Field(None, gt=0, description="Train on at most this much text.")
+    vocab_size: int = Field(8192, le=MAX_VOCAB, description="Includes the 256 byte symbols and the special tokens.")
+    min_frequency: int = Field(2, ge=1, le=MAX_COUNT)
+    max_training_bytes: int | None = Field(None, gt=0, le=10**13, description="Train on at most this much text.")
 
     @model_validator(mode="after")
     def _vocab_large_enough(self) -> TokenizerConfig:
@@ -141,7 +152,7 @@ class LossConfig(Section):
         default_factory=lambda: ["plt", "pd", "sk", "fit", "predict", " plt", " pd", " sk", " fit", " predict"],
         description="keytoken: words whose single-token ids up-weight a sample.",
     )
-    alpha: float = Field(1.0, gt=0)
+    alpha: float = Field(1.0, gt=0, le=1e6)
 
 
 class MLMConfig(Section):
@@ -152,7 +163,7 @@ class MLMConfig(Section):
     random_replace_prob: float = Field(0.1, ge=0, le=1, description="Share replaced by a random token.")
     whole_word_mask: bool = Field(False, description="Mask every sub-token of a chosen word together.")
     last_chunk: Literal["drop", "pad"] = Field("drop", description="The short last chunk: dropped or padded.")
-    eval_mask_seed: int = Field(1234, description="The evaluation set is masked once, with this seed.")
+    eval_mask_seed: int = Field(1234, ge=0, le=MAX_SEED, description="The evaluation set is masked once, with this seed.")
 
     @model_validator(mode="after")
     def _shares(self) -> MLMConfig:
@@ -169,17 +180,17 @@ class QASample(Section):
 class QAConfig(Section):
     """Extractive question answering (task qa): windows over long contexts and n-best answers."""
 
-    max_length: int = Field(384, ge=16, description="Tokens per window: question + context + special tokens.")
-    stride: int = Field(128, ge=0, description="Tokens shared by consecutive windows of one context.")
-    n_best: int = Field(20, ge=1, description="Start and end candidates per window.")
-    max_answer_length: int = Field(30, ge=1, description="Longest answer, in tokens.")
+    max_length: int = Field(384, ge=16, le=MAX_TOKENS, description="Tokens per window: question + context + special tokens.")
+    stride: int = Field(128, ge=0, le=MAX_TOKENS, description="Tokens shared by consecutive windows of one context.")
+    n_best: int = Field(20, ge=1, le=10000, description="Start and end candidates per window.")
+    max_answer_length: int = Field(30, ge=1, le=MAX_TOKENS, description="Longest answer, in tokens.")
     version_2: bool = Field(False, description="SQuAD v2: questions may have no answer (the empty answer).")
-    null_score_threshold: float = Field(0.0, description="v2: answer empty when null score - best score > this.")
+    null_score_threshold: float = Field(0.0, ge=-1e6, le=1e6, description="v2: answer empty when null score - best score > this.")
     max_bad_answer_fraction: float = Field(
         0.01, ge=0, le=1, description="Examples whose answer_start misses the answer text are skipped up to "
         "this share of a split; above it the data is refused.")
-    max_train_examples: int | None = Field(None, gt=0, description="A seeded random subset of training examples.")
-    max_validation_examples: int | None = Field(None, gt=0)
+    max_train_examples: int | None = Field(None, gt=0, le=MAX_COUNT, description="A seeded random subset of training examples.")
+    max_validation_examples: int | None = Field(None, gt=0, le=MAX_COUNT)
     samples: list[QASample] = Field(default_factory=list, description="Answered after training; in metrics.json.")
 
     @model_validator(mode="after")
@@ -197,10 +208,10 @@ class ClassifyConfig(Section):
     labels: list[str] | None = Field(
         None, description="Label names in id order; integer labels index this list. Default: from the training data.")
     problem_type: Literal["single_label", "multi_label", "regression"] = "single_label"
-    max_length: int | None = Field(None, ge=8, description="Truncate to this many tokens (default: the model's).")
+    max_length: int | None = Field(None, ge=8, le=MAX_TOKENS, description="Truncate to this many tokens (default: the model's).")
     truncation_side: Literal["right", "left"] = "right"
-    max_train_examples: int | None = Field(None, gt=0, description="A seeded random subset of training examples.")
-    max_validation_examples: int | None = Field(None, gt=0)
+    max_train_examples: int | None = Field(None, gt=0, le=MAX_COUNT, description="A seeded random subset of training examples.")
+    max_validation_examples: int | None = Field(None, gt=0, le=MAX_COUNT)
     balanced: bool = Field(False, description="Subsets take the same number of examples from every label.")
     samples: list[str] = Field(default_factory=list, description="Classified before and after; in metrics.json.")
 
@@ -231,17 +242,17 @@ class SFTConfig(Section):
     answer_pattern: str | None = Field(
         None, description="A regular expression whose first group is an example's final answer ('#### (.+)' for "
         "GSM8K): held-out prompts are answered (greedy) and the answers compared with the references.")
-    answer_examples: int = Field(100, ge=1, description="Held-out examples answered for answer_pattern.")
-    answer_max_new_tokens: int = Field(256, ge=1, description="Tokens generated per answer for answer_pattern.")
+    answer_examples: int = Field(100, ge=1, le=MAX_COUNT, description="Held-out examples answered for answer_pattern.")
+    answer_max_new_tokens: int = Field(256, ge=1, le=MAX_TOKENS, description="Tokens generated per answer for answer_pattern.")
     transcript_field: str = Field("chosen", description="transcript format: the record's dialogue text.")
     response_marker: str = Field("\n\nAssistant:", min_length=1,
                                  description="transcript format: the response follows this marker's last occurrence.")
     completion_only_loss: bool = Field(True, description="Loss on the response tokens only (prompt labels -100).")
     add_eos: bool = Field(True, description="End each response with EOS, so the tuned model learns to stop.")
-    max_length: int = Field(512, ge=8, description="Longer examples are cut (from the end) to this many tokens.")
+    max_length: int = Field(512, ge=8, le=MAX_TOKENS, description="Longer examples are cut (from the end) to this many tokens.")
     packing: bool = Field(False, description="Concatenate examples into max_length sequences (fewer pad tokens).")
-    max_train_examples: int | None = Field(None, gt=0)
-    max_validation_examples: int | None = Field(None, gt=0)
+    max_train_examples: int | None = Field(None, gt=0, le=MAX_COUNT)
+    max_validation_examples: int | None = Field(None, gt=0, le=MAX_COUNT)
     samples: list[dict[str, str]] = Field(
         default_factory=list, description="Records without the response, answered before and after training.")
 
@@ -276,11 +287,11 @@ class PreferenceConfig(Section):
     prompt_template: str | None = Field(
         None, description="Python format string over the record's fields that renders the prompt; default "
         "'{prompt}', or the prompt part of the SFT template when the policy is an lmtune SFT run.")
-    max_length: int = Field(512, ge=8, description="Tokens per prompt + reply; longer texts lose their start.")
-    max_prompt_length: int = Field(256, ge=1, description="dpo and rl: prompts keep their last this many tokens.")
-    beta: float = Field(0.1, gt=0, description="dpo: strength of the pull towards the reference model.")
-    max_train_examples: int | None = Field(None, gt=0)
-    max_validation_examples: int | None = Field(None, gt=0)
+    max_length: int = Field(512, ge=8, le=MAX_TOKENS, description="Tokens per prompt + reply; longer texts lose their start.")
+    max_prompt_length: int = Field(256, ge=1, le=MAX_TOKENS, description="dpo and rl: prompts keep their last this many tokens.")
+    beta: float = Field(0.1, gt=0, le=1000, description="dpo: strength of the pull towards the reference model.")
+    max_train_examples: int | None = Field(None, gt=0, le=MAX_COUNT)
+    max_validation_examples: int | None = Field(None, gt=0, le=MAX_COUNT)
     samples: list[dict[str, str]] = Field(
         default_factory=list, description="reward: pairs scored before and after; dpo/rl: prompt records answered.")
 
@@ -292,18 +303,18 @@ class RLConfig(Section):
     algorithm: Literal["rloo", "grpo"] = Field(
         "rloo", description="rloo: REINFORCE with a leave-one-out baseline; grpo: group-normalised advantages with "
         "PPO's clipped ratio. Neither needs PPO's value model.")
-    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (the baseline's group).")
-    max_completion_length: int = Field(32, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    beta: float = Field(0.05, ge=0, description="KL penalty towards the starting policy (0: no reference model).")
-    eval_generations: int = Field(2, ge=1, description="Completions sampled per held-out prompt for mean reward.")
+    num_generations: int = Field(4, ge=2, le=1024, description="Completions sampled per prompt (the baseline's group).")
+    max_completion_length: int = Field(32, ge=1, le=MAX_TOKENS)
+    temperature: float = Field(1.0, gt=0, le=100)
+    beta: float = Field(0.05, ge=0, le=1000, description="KL penalty towards the starting policy (0: no reference model).")
+    eval_generations: int = Field(2, ge=1, le=1024, description="Completions sampled per held-out prompt for mean reward.")
 
 
 class LoRAConfig(Section):
     """Low-rank adapters (peft) for training.mode lora."""
 
-    r: int = Field(8, ge=1)
-    alpha: float = Field(16, gt=0)
+    r: int = Field(8, ge=1, le=65536)
+    alpha: float = Field(16, gt=0, le=1e6)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | None = Field(
         None, description="Module names to adapt; default per architecture (q_lin for DistilBERT, query/value for "
@@ -315,27 +326,27 @@ class LoRAConfig(Section):
 class TrainingConfig(Section):
     mode: Literal["full", "head", "lora"] = Field(
         "full", description="full: every weight; head: base frozen, the new task head trained; lora: adapters (peft).")
-    learning_rate: float = Field(5e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: float = Field(0, ge=0, description="Steps, or a fraction of all steps when below 1.")
+    learning_rate: float = Field(5e-4, gt=0, le=100)
+    weight_decay: float = Field(0.0, ge=0, le=100)
+    warmup_steps: float = Field(0, ge=0, le=MAX_STEPS, description="Steps, or a fraction of all steps when below 1.")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    batch_size: int = Field(8, ge=1, description="Per-device training batch size.")
-    eval_batch_size: int | None = Field(None, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    num_epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, description="Overrides num_epochs when positive.")
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="Per-device training batch size.")
+    eval_batch_size: int | None = Field(None, ge=1, le=MAX_BATCH)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=MAX_BATCH)
+    num_epochs: float = Field(1.0, gt=0, le=1e6)
+    max_steps: int = Field(-1, ge=-1, le=MAX_STEPS, description="Overrides num_epochs when positive.")
     eval_strategy: Literal["no", "steps", "epoch"] = "no"
-    eval_steps: int | None = Field(None, ge=1)
-    logging_steps: int = Field(10, ge=1)
+    eval_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    logging_steps: int = Field(10, ge=1, le=MAX_STEPS)
     save_strategy: Literal["no", "steps", "epoch"] = "steps"
-    save_steps: int = Field(500, ge=1)
-    save_total_limit: int | None = Field(2, ge=1)
+    save_steps: int = Field(500, ge=1, le=MAX_STEPS)
+    save_total_limit: int | None = Field(2, ge=1, le=MAX_COUNT)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 where the hardware runs it natively, else fp32."
     )
-    seed: int = 42
-    max_grad_norm: float = Field(1.0, ge=0)
-    dataloader_num_workers: int = Field(0, ge=0)
+    seed: int = Field(42, ge=0, le=MAX_SEED)
+    max_grad_norm: float = Field(1.0, ge=0, le=1e6)
+    dataloader_num_workers: int = Field(0, ge=0, le=256)
     group_by_length: bool = Field(False, description="Batch examples of similar length (less padding; QA, classify).")
     activation_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass (gradient checkpointing): far less memory, more compute.")
@@ -348,7 +359,7 @@ class TrainingConfig(Section):
         "in chunks, never holding the full-vocabulary logits; masked LMs with their output layer on the masked "
         "positions only. Same result, faster, less memory; false: the model's own loss.")
     estimate_steps: int = Field(
-        3, ge=0, description="Timed forward/backward passes before training for the time and memory estimate (0: none).")
+        3, ge=0, le=1000, description="Timed forward/backward passes before training for the time and memory estimate (0: none).")
 
     @model_validator(mode="after")
     def _eval_steps(self) -> TrainingConfig:
@@ -361,14 +372,14 @@ class TrainingConfig(Section):
 
 class GenerationConfig(Section):
     prompts: list[str] = Field(default_factory=list, description="Completed after training; saved in metrics.json.")
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(64, ge=1, le=MAX_TOKENS)
     do_sample: bool = False
-    temperature: float = Field(1.0, gt=0)
-    top_k: int = Field(50, ge=0)
+    temperature: float = Field(1.0, gt=0, le=100)
+    top_k: int = Field(50, ge=0, le=MAX_VOCAB)
     top_p: float = Field(1.0, gt=0, le=1)
-    num_return_sequences: int = Field(1, ge=1)
-    repetition_penalty: float = Field(1.0, gt=0, description="Above 1 discourages repeating tokens.")
-    no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid repeating n-grams of this size (0: off).")
+    num_return_sequences: int = Field(1, ge=1, le=1024)
+    repetition_penalty: float = Field(1.0, gt=0, le=100, description="Above 1 discourages repeating tokens.")
+    no_repeat_ngram_size: int = Field(0, ge=0, le=1024, description="Forbid repeating n-grams of this size (0: off).")
 
 
 class OutputConfig(Section):
@@ -437,9 +448,40 @@ class RecipeConfig(Section):
 # Loading and error reporting
 
 
-class _RecipeLoader(yaml.SafeLoader):
+# PyYAML's C parser where it was built with libyaml (several times faster on big files); the resolver and
+# constructor stay Python, so the customisations below apply to both.
+_LoaderBase = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+MAX_RECIPE_BYTES = 1_000_000  # a recipe is a page of YAML; a larger file is data given in its place
+MAX_RECIPE_NODES = 100_000  # values once aliases are expanded (YAML "billion laughs" stays tiny on disk)
+DATA_SUFFIXES = (".jsonl", ".csv", ".tsv", ".parquet", ".txt", ".gz", ".py", ".md", ".arrow", ".safetensors",
+                 ".bin", ".gguf", ".npy")
+
+
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, first: int, second: int):
+        super().__init__(f"key '{_short(key)}' is written twice (lines {first} and {second})")
+        self.first, self.second = first, second
+
+
+class _RecipeLoader(_LoaderBase):
     """YAML 1.2 booleans: only true/false. YAML 1.1 also reads no/yes/on/off as booleans, which turns
-    `save_strategy: no` into False."""
+    `save_strategy: no` into False. A key written twice in one mapping is refused, not silently replaced."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                if key is None:
+                    continue
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise DuplicateKey(key, seen[key], line)
+                seen[key] = line
+        return super().construct_mapping(node, deep)
 
 
 _RecipeLoader.yaml_implicit_resolvers = {
@@ -450,8 +492,43 @@ _RecipeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
+def expanded_size(node, memo: dict | None = None, limit: int = MAX_RECIPE_NODES) -> int:
+    """How many values the document holds once every alias is expanded, counted on the composed graph
+    (aliases are shared nodes, so this stays cheap however large the expansion would be)."""
+    memo = {} if memo is None else memo
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = limit + 1  # a node that contains itself expands without end
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(expanded_size(k, memo, limit) + expanded_size(v, memo, limit) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(expanded_size(v, memo, limit) for v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = min(size, limit + 1)
+    return memo[id(node)]
+
+
 def load_yaml(text: str):
-    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    """The YAML document in `text` (a recipe, or a run's config.yaml), refused when its aliases expand
+    past MAX_RECIPE_NODES values."""
+    loader = _RecipeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if expanded_size(node) > MAX_RECIPE_NODES:
+            raise yaml.YAMLError(f"it expands to more than {MAX_RECIPE_NODES:,} values through its aliases (& and *)")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _short(value, width: int = 60) -> str:
+    """A value for an error message: on one line, at most `width` characters."""
+    text = value if isinstance(value, str) else repr(value)
+    text = " ".join(text.split()) if text.strip() else repr(text)
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -511,6 +588,14 @@ def _without_union_tags(loc: tuple) -> tuple:
     return tuple(p for p in loc if not (isinstance(p, str) and p in {"str", "list[str]"}))
 
 
+PLAIN_MESSAGES = [(r"^Input should be a valid dictionary$", "must be a mapping of settings (key: value)"),
+                  (r"^Input should be less than or equal to ", "must be at most "),
+                  (r"^Input should be greater than or equal to ", "must be at least "),
+                  (r"^Input should be less than ", "must be below "),
+                  (r"^Input should be greater than ", "must be above "),
+                  (r"^Input should be ", "must be ")]
+
+
 def _describe(error: dict) -> str:
     if error["type"] == "extra_forbidden":  # the unknown key is the last part, whatever it is called
         loc = _without_union_tags(error["loc"][:-1]) + error["loc"][-1:]
@@ -527,8 +612,17 @@ def _describe(error: dict) -> str:
         return f"unknown key '{where}' ({hint})"
     if error["type"] == "missing":
         return f"'{where}' is required"
-    msg = " ".join(error["msg"].removeprefix("Value error, ").split("\n"))
-    return f"'{where}': {msg} (got {error.get('input')!r})" if loc else msg
+    msg = " ".join(error["msg"].removeprefix("Value error, ").split())
+    msg = re.sub(r" or instance of \w+", "", msg)  # pydantic's class names mean nothing to a recipe's author
+    for pydantic_words, plain in PLAIN_MESSAGES:
+        msg = re.sub(pydantic_words, plain, msg)
+    if error["type"] == "string_pattern_mismatch":
+        msg = "must start with a letter or digit and hold only letters, digits, '.', '_' and '-'"
+    elif error["type"] in ("finite_number",):
+        msg = "must be a finite number (not inf or nan)"
+    got = error.get("input")
+    shown = f" (got {_short(repr(got))})" if not isinstance(got, dict) else ""
+    return f"'{where}': {msg}{shown}" if loc else msg
 
 
 def validate_recipe(raw: Any, origin: str = "recipe") -> RecipeConfig:
@@ -540,21 +634,54 @@ def validate_recipe(raw: Any, origin: str = "recipe") -> RecipeConfig:
         problems = [_describe(e) for e in exc.errors()]
         # Deduplicate while keeping order: unions can report one problem per branch.
         problems = list(dict.fromkeys(problems))
-        raise InputError(f"{origin} is invalid: " + "; ".join(problems) + ".") from None
+        more = f"; and {len(problems) - 8} more" if len(problems) > 8 else ""
+        raise InputError(f"{origin} is invalid: " + "; ".join(problems[:8]) + more + ".") from None
 
 
 def read_recipe_yaml(path: str | Path):
+    """The YAML of a recipe file, or one sentence: missing, not a regular file, too big, a data file, not
+    YAML (at the line where the construct that broke started), a key written twice, alias bombs."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"recipe '{path}' does not exist; give the path of a YAML recipe (see recipes/).")
+    if not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file"
+        raise InputError(f"recipe '{path}' is {kind}; give the path of a YAML recipe file (see recipes/).")
+    size = path.stat().st_size
+    if path.suffix.lower() in DATA_SUFFIXES or size > MAX_RECIPE_BYTES:
+        what = f"a {path.suffix.lower()} file" if path.suffix.lower() in DATA_SUFFIXES else f"{size / 1e6:.1f} MB"
+        raise InputError(f"recipe '{path}' is {what}, not a YAML recipe (a page of settings); give the recipe and "
+                         "name data files in it under data.train.path.")
     try:
-        raw = load_yaml(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        where = getattr(exc, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where is not None else ""
-        raise InputError(f"recipe '{path}' is not valid YAML{line}; fix the syntax there.") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"recipe '{path}' is not UTF-8 text, so not a YAML recipe; give the recipe (see "
+                         "recipes/).") from None
+    except OSError as exc:
+        raise InputError(f"recipe '{path}' cannot be read ({exc.strerror}); check its permissions.") from None
+    if "\x00" in text:
+        raise InputError(f"recipe '{path}' holds binary data, not a YAML recipe; give the recipe (see recipes/).")
+    try:
+        raw = load_yaml(text)
+    except DuplicateKey as exc:
+        raise InputError(f"recipe '{path}': {exc}; keep one of them.") from None
+    except yaml.MarkedYAMLError as exc:
+        # Where the broken construct started (a quote never closed, a key without its colon): the parser
+        # itself often notices only on the line after.
+        mark = exc.context_mark or exc.problem_mark
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = f" ({_short(exc.problem, 80)})" if exc.problem else ""
+        raise InputError(f"recipe '{path}' is not valid YAML{line}{problem}; fix the syntax there.") from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"recipe '{path}' is refused: {_short(str(exc), 120)}.") from None
+    except RecursionError:
+        raise InputError(f"recipe '{path}' is nested too deeply to be a recipe; give the recipe (see "
+                         "recipes/).") from None
     if raw is None:
         raise InputError(f"recipe '{path}' is empty; see recipes/ for examples.")
+    if not isinstance(raw, dict) or not ({"task", "name", "model", "data", "steps"} & set(map(str, raw))):
+        raise InputError(f"recipe '{path}' is not a recipe: it has none of the sections task, name, model, data "
+                         "(or steps, for a chain); see recipes/ for examples.")
     return raw
 
 

@@ -115,6 +115,33 @@ def fused_activation(config) -> dict:
     return {"activation_function": FUSED_ACTIVATIONS[act]} if act in FUSED_ACTIVATIONS else {}
 
 
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (what can be allocated without swapping); None where unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits_in_memory(config, where: str = "model.from_scratch") -> None:
+    """A new model's weights, gradients and Adam's two moments (16 bytes a parameter in fp32) must fit the
+    memory this machine has free, checked on the config before anything is allocated."""
+    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
+    inner = getattr(config, "intermediate_size", None) or 4 * width
+    positions = max_positions(config) or 0
+    params = layers * (4 * width * width + 2 * width * inner) + (config.vocab_size + positions) * width
+    need, free = 16 * params, available_memory_bytes()
+    if free is not None and need > free:
+        raise InputError(f"{where}: a model of about {params / 1e6:,.0f}M parameters needs about {need / 2**30:,.1f} "
+                         f"GiB to train (weights, gradients, optimizer state), and this machine has "
+                         f"{free / 2**30:,.1f} GiB free; make it smaller (n_layer, n_embd).")
+
+
 def build_from_scratch(spec: FromScratchConfig, tokenizer, block_size: int, seed: int, task: str = "clm",
                        **head_config):
     import transformers
@@ -122,6 +149,7 @@ def build_from_scratch(spec: FromScratchConfig, tokenizer, block_size: int, seed
 
     set_seed(seed)
     config = model_config_from_scratch(spec, tokenizer, block_size)
+    check_fits_in_memory(config)
     for key, value in head_config.items():  # num_labels, id2label, ... of a classification head
         setattr(config, key, value)
     config._attn_implementation = "sdpa"

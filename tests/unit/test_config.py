@@ -124,3 +124,81 @@ def test_yaml_reads_only_true_and_false_as_booleans(tmp_path):
                     "training: {save_strategy: no, eval_strategy: no}\ntokenizer: {train: false}\n")
     cfg = load_recipe(path, ["training.save_strategy=no"])
     assert (cfg.training.save_strategy, cfg.training.eval_strategy, cfg.tokenizer.train) == ("no", "no", False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading that refuses early and cheaply
+
+
+def recipe_file(tmp_path, text: str, name: str = "r.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def load_error(path: str) -> str:
+    with pytest.raises(InputError) as exc:
+        load_recipe(path)
+    return str(exc.value)
+
+
+def test_a_section_or_key_written_twice_is_refused_with_both_lines(tmp_path):
+    text = "task: clm\nname: x\ntraining:\n  max_steps: 3\ndata:\n  train: {path: a.txt}\ntraining:\n  seed: 3\n"
+    assert "key 'training' is written twice (lines 3 and 7)" in load_error(recipe_file(tmp_path, text))
+    text = "task: clm\nname: x\ntraining:\n  max_steps: 3\n  max_steps: 4\n"
+    assert "key 'max_steps' is written twice (lines 4 and 5)" in load_error(recipe_file(tmp_path, text))
+    merged = "base: &b {max_steps: 3}\ntask: clm\nname: x\ntraining:\n  <<: *b\n  max_steps: 4\n"
+    assert "written twice" not in load_error(recipe_file(tmp_path, merged))  # a merge key may be overridden
+
+
+def test_alias_bombs_and_huge_files_are_refused_before_they_cost_anything(tmp_path):
+    import time
+
+    levels = ["a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [
+        f"{c}: &{c} [{', '.join(['*' + p] * 10)}]" for p, c in zip("abcdefgh", "bcdefghi")]
+    start = time.perf_counter()
+    message = load_error(recipe_file(tmp_path, "task: clm\n" + "\n".join(levels) + "\n"))
+    assert "expands to more than 100,000 values" in message and time.perf_counter() - start < 2
+    big = recipe_file(tmp_path, "task: clm\n" + "# padding\n" * 200_000, "big.yaml")
+    assert "is 2.0 MB, not a YAML recipe" in load_error(big)
+
+
+def test_infinite_and_absurd_numbers_are_refused_in_plain_words(tmp_path):
+    text = yaml.safe_dump(MINIMAL) + "training:\n  learning_rate: .inf\n  batch_size: 100000000000\n  seed: -1\n"
+    message = load_error(recipe_file(tmp_path, text))
+    assert "'training.learning_rate': must be a finite number (not inf or nan) (got inf)" in message
+    assert "'training.batch_size': must be at most 1048576" in message and "'training.seed': must be at least 0" in message
+    for value in (".nan", "1e400", "-.inf"):
+        assert "finite" in error_of(tmp_path, {**MINIMAL, "lora": {"alpha": yaml.safe_load(value)}})
+
+
+def test_messages_name_no_internal_classes_and_shorten_values(tmp_path):
+    long_value = "x" * 5000
+    message = error_of(tmp_path, {**MINIMAL, "data": "a section written as text " + long_value,
+                                  "name": "-bad name " + long_value})
+    assert "SourceConfig" not in message and "DataConfig" not in message and "^[A-Za-z0-9]" not in message
+    assert "'data': must be a mapping of settings" in message and "must start with a letter or digit" in message
+    assert len(message) < 400 and "…" in message
+
+
+def test_yaml_errors_point_at_the_line_that_is_wrong(tmp_path):
+    text = "task: clm\nname: x\ndata\n  train: {path: a}\nmodel: {}\n"  # line 3 lacks its colon
+    assert "is not valid YAML at line 3" in load_error(recipe_file(tmp_path, text))
+
+
+def test_a_file_that_is_not_a_recipe_is_named_as_such(tmp_path):
+    assert "is a .jsonl file, not a YAML recipe" in load_error(recipe_file(tmp_path, '{"text": "a"}\n', "d.jsonl"))
+    assert "is not a recipe: it has none of the sections" in load_error(
+        recipe_file(tmp_path, '{"text": "a", "label": 1}', "d.json"))
+    assert "is a folder" in load_error(str(tmp_path))
+
+
+def test_a_model_too_big_for_this_machine_is_refused_before_it_is_built():
+    from transformers import GPT2Config
+
+    from lmtune.modeling import check_fits_in_memory
+
+    config = GPT2Config(n_embd=65536, n_layer=1024, n_head=64, vocab_size=50000, n_positions=2048)
+    with pytest.raises(InputError, match=r"about .*M parameters needs about .* GiB to train .* GiB free"):
+        check_fits_in_memory(config)
+    check_fits_in_memory(GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=500, n_positions=64))
