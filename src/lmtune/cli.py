@@ -136,15 +136,54 @@ def _prompts(args) -> list[str]:
         prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise InputError("no prompt given; pass one or more prompts, e.g. lmtune predict RUN \"import pandas\".")
+    empty = [i for i, p in enumerate(prompts, 1) if not p.strip()]
+    if empty:
+        raise InputError(f"prompt {empty[0]} is empty; give the text to complete, classify or answer.")
     return prompts
+
+
+# predict's options that are not at their defaults, by the tasks they apply to
+PREDICT_OPTIONS = {  # option: (attribute, default, tasks)
+    "--temperature": ("temperature", 0.0, {"clm"}), "--top-p": ("top_p", 1.0, {"clm"}),
+    "--top-k": ("top_k", None, {"clm", "mlm"}), "--num-return-sequences": ("num_return_sequences", 1, {"clm"}),
+    "--repetition-penalty": ("repetition_penalty", 1.0, {"clm"}),
+    "--no-repeat-ngram-size": ("no_repeat_ngram_size", 0, {"clm"}), "--greedy": ("greedy", False, {"clm"}),
+    "--seed": ("seed", 0, {"clm"}), "--max-new-tokens": ("max_new_tokens", 64, {"clm", "sft", "dpo", "rl"}),
+    "--chat": ("chat", False, {"clm"}), "--raw": ("raw", False, {"clm"}), "--system": ("system", None, {"clm"}),
+    "--field": ("field", [], {"sft", "dpo", "rl"}), "--pair": ("pair", False, {"reward"}),
+    "--prompt": ("prompt", None, {"reward"}), "--question": ("question", None, {"qa"}),
+    "--context": ("context", None, {"qa"}),
+}
+
+
+def check_predict_options(args, task: str) -> None:
+    """Sampling options in range, and no option the model's task would ignore."""
+    if args.temperature < 0:
+        raise InputError(f"--temperature must be 0 (greedy) or more, not {args.temperature}.")
+    if not 0 < args.top_p <= 1:
+        raise InputError(f"--top-p must be above 0 and at most 1, not {args.top_p}.")
+    if args.top_k is not None and args.top_k < 0:
+        raise InputError(f"--top-k must be 0 or more, not {args.top_k}.")
+    if args.repetition_penalty <= 0:
+        raise InputError(f"--repetition-penalty must be above 0, not {args.repetition_penalty}.")
+    if args.no_repeat_ngram_size < 0:
+        raise InputError(f"--no-repeat-ngram-size must be 0 or more, not {args.no_repeat_ngram_size}.")
+    if args.num_return_sequences > 1 and not (args.temperature > 0 and not args.greedy):
+        raise InputError(f"--num-return-sequences {args.num_return_sequences} needs sampling (--temperature above 0, "
+                         "no --greedy): greedy decoding returns the same text every time.")
+    ignored = [option for option, (name, default, tasks) in PREDICT_OPTIONS.items()
+               if getattr(args, name) != default and task not in tasks]
+    if ignored:
+        how = {"sft": "it answers greedily", "dpo": "it answers greedily", "rl": "it answers greedily"}.get(task)
+        raise InputError(f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply to '{args.run}', a "
+                         f"{task} model{f' ({how})' if how else ''}; drop {'it' if len(ignored) == 1 else 'them'}.")
 
 
 def cmd_predict(args) -> int:
     from lmtune.tasks import clm
 
     task = task_of(args.run)
-    if task != "qa" and (args.question or args.context):
-        raise InputError(f"--question/--context are for question-answering models; '{args.run}' is a {task} model.")
+    check_predict_options(args, task)
     if task == "mlm":
         return predict_mlm(args)
     if task == "qa":
@@ -298,6 +337,9 @@ def cmd_export(args) -> int:
                          "an exported model -- choose another folder.")
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    if args.merge and not (run / "adapter").is_dir():
+        raise InputError(f"--merge folds a LoRA adapter into its base, and '{run}' was not trained with LoRA (no "
+                         "adapter/); drop --merge.")
     if (run / "adapter").is_dir():
         if not args.merge:
             raise InputError(f"'{run}' was trained with LoRA; pass --merge to fold its adapter into the base model.")
@@ -438,8 +480,16 @@ def cmd_tokenizer_train(args) -> int:
     from lmtune.tokenizer import train_bpe_tokenizer
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out '{out}' is a file; a tokenizer is saved as a folder -- choose another --out.")
     if out.exists() and not args.overwrite:
         raise InputError(f"--out '{out}' already exists; pass --overwrite or choose another folder.")
+    if out.exists() and any(out.iterdir()) and not (out / "tokenizer.json").is_file():
+        raise InputError(f"--out '{out}' is a folder that holds no tokenizer; --overwrite replaces only a tokenizer "
+                         "folder -- choose another --out.")
+    if args.data != ["python-code"]:
+        for data in args.data:
+            refuse_output_overlapping_input(out, Path(data), "--out")
     try:
         if args.data == ["python-code"]:
             src = SourceConfig(type="python-code", keywords=args.keywords or [])
@@ -567,6 +617,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_paths(args) -> None:
+    """An output named as an empty string would silently become the default (or the current folder)."""
+    for option in ("output", "out"):
+        value = getattr(args, option, None)
+        if value is not None and not value.strip():
+            raise InputError(f"--{option} is empty; give a folder to write to.")
+
+
 def _check_numbers(args) -> None:
     for name in ("block_size", "batch_size", "max_new_tokens", "num_return_sequences", "vocab_size", "max_blocks",
                  "nproc", "n"):
@@ -580,6 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)
         _check_numbers(args)
+        _check_paths(args)
         _setup_logging(args.verbose)
         return args.func(args)
     except InputError as exc:

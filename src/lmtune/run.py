@@ -59,6 +59,9 @@ def check_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
         raise InputError(
             f"run dir '{run_dir}' already exists; pass --overwrite to replace it or --resume to continue it."
         )
+    if resume and not run_dir.exists() and not partial_dir(run_dir).exists():
+        raise InputError(f"--resume: there is nothing to resume at '{run_dir}' (no run dir, no interrupted run); drop "
+                         "--resume to start the run.")
     if partial_dir(run_dir).exists() and not (overwrite or resume):
         raise InputError(
             f"an interrupted run is in '{partial_dir(run_dir)}'; pass --resume to continue it or --overwrite "

@@ -202,7 +202,7 @@ def _(tmp, models):
 
 @case("recipe is a list")
 def _(tmp, models):
-    return train(tmp, "- task: clm\n"), ["must be a YAML mapping"]
+    return train(tmp, "- task: clm\n"), ["is not a recipe", "none of the sections"]
 
 
 @case("unknown key")
@@ -331,6 +331,63 @@ def _(tmp, models):
     run = finished_run(tmp, models)
     write(tmp, "mine/notes.txt", "the user's own notes")
     return ["export", str(run), "--out", str(tmp / "mine"), "--overwrite"], ["not a model folder"]
+
+
+# ----- options of the verbs, per task ------------------------------------------------------------
+
+@case("predict with an empty prompt")
+def _(tmp, models):
+    return ["predict", str(models / "gpt2"), "hello", "  "], ["prompt 2 is empty"]
+
+
+@case("predict with a negative temperature")
+def _(tmp, models):
+    return ["predict", str(models / "gpt2"), "hello", "--temperature", "-0.5"], ["--temperature must be 0"]
+
+
+@case("predict with top-p above 1")
+def _(tmp, models):
+    return ["predict", str(models / "gpt2"), "hello", "--top-p", "1.5", "--temperature", "1"], [
+        "--top-p must be above 0 and at most 1"]
+
+
+@case("several sequences without sampling")
+def _(tmp, models):
+    return ["predict", str(models / "gpt2"), "hello", "--num-return-sequences", "3"], [
+        "--num-return-sequences 3 needs sampling"]
+
+
+@case("a reward model's option on a causal LM")
+def _(tmp, models):
+    return ["predict", str(models / "gpt2"), "hello", "--pair"], ["--pair does not apply", "clm model"]
+
+
+@case("--chat for a model without a chat template")
+def _(tmp, models):
+    return ["predict", str(models / "gpt2"), "hello", "--chat"], ["--chat", "has no chat template"]
+
+
+@case("export --merge of a run without LoRA")
+def _(tmp, models):
+    run = finished_run(tmp, models)
+    return ["export", str(run), "--out", str(tmp / "exported"), "--merge"], ["--merge", "not trained with LoRA"]
+
+
+@case("--output given as an empty string")
+def _(tmp, models):
+    return ["train", write(tmp, "recipe.yaml", yaml.safe_dump(clm(write(tmp, "d.jsonl", GOOD_JSONL)))),
+            "--output", ""], ["--output is empty"]
+
+
+@case("--resume with nothing to resume")
+def _(tmp, models):
+    return train(tmp, clm(write(tmp, "d.jsonl", GOOD_JSONL)), "--resume"), ["nothing to resume", "drop --resume"]
+
+
+@case("tokenizer train --out onto a file")
+def _(tmp, models):
+    return ["tokenizer", "train", "--data", write(tmp, "d.jsonl", GOOD_JSONL), "--out", write(tmp, "tok", "a file"),
+            "--overwrite", "--vocab-size", "300"], ["is a file"]
 
 
 IMMUTABLE: list[Path] = []  # folders made immutable for a case; the test lifts the flag afterwards
