@@ -127,13 +127,27 @@ def task_of(path: str) -> str:
     return "clm"
 
 
+def _read_text_file(name: str, option: str, what: str) -> tuple[Path, str]:
+    """The file's path and UTF-8 text, or one sentence on why it cannot be read."""
+    from lmtune.data.sources import path_problem, user_path
+
+    path = user_path(name, option)
+    problem = path_problem(path)
+    if problem:
+        raise InputError(f"{option} '{name}' {problem}; give {what}.")
+    try:
+        return path, path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{option} '{name}' is not UTF-8 text; give {what}.") from None
+    except OSError as exc:
+        raise InputError(f"{option} '{name}' cannot be read ({exc.strerror}); give {what}.") from None
+
+
 def _prompts(args) -> list[str]:
     prompts = list(args.prompts)
     if args.file:
-        path = Path(args.file)
-        if not path.is_file():
-            raise InputError(f"--file '{path}' does not exist; give a text file with one prompt per line.")
-        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        _, text = _read_text_file(args.file, "--file", "a text file with one prompt per line")
+        prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise InputError("no prompt given; pass one or more prompts, e.g. lmtune predict RUN \"import pandas\".")
     empty = [i for i, p in enumerate(prompts, 1) if not p.strip()]
@@ -249,10 +263,8 @@ def _qa_pairs(args) -> list[dict]:
             raise InputError("give both --question and --context (or --file with question/context lines).")
         pairs.append({"question": args.question, "context": args.context})
     if args.file:
-        path = Path(args.file)
-        if not path.is_file():
-            raise InputError(f"--file '{path}' does not exist; give a JSON Lines file of {{question, context}} objects.")
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        path, text = _read_text_file(args.file, "--file", "a JSON Lines file of {question, context} objects")
+        for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -260,8 +272,10 @@ def _qa_pairs(args) -> list[dict]:
             except json.JSONDecodeError as exc:
                 raise InputError(f"--file: line {lineno} of '{path}' is not valid JSON ({exc.msg}); "
                                  "write one {\"question\": ..., \"context\": ...} object per line.") from None
-            if not isinstance(record, dict) or not {"question", "context"} <= set(record):
-                raise InputError(f"--file: line {lineno} of '{path}' needs the fields question and context.")
+            if not isinstance(record, dict) or not all(isinstance(record.get(k), str) and record[k].strip()
+                                                       for k in ("question", "context")):
+                raise InputError(f"--file: line {lineno} of '{path}' needs the fields question and context, both "
+                                 "non-empty text.")
             pairs.append(record)
     if args.prompts:
         raise InputError("a question-answering model takes --question and --context (or --file), not prompts.")
@@ -468,7 +482,7 @@ def predict_classify(args) -> int:
 
 def refuse_output_overlapping_input(out: Path, source: Path, option: str) -> None:
     """An output that is, holds or lies inside what the command reads would destroy its own input."""
-    a, b = out.expanduser().resolve(), source.expanduser().resolve()
+    a, b = Path(os.path.expanduser(out)).resolve(), Path(os.path.expanduser(source)).resolve()
     if a == b or a in b.parents or b in a.parents:
         raise InputError(f"{option} '{out}' overlaps '{source}', which this command reads; write somewhere outside "
                          "it.")

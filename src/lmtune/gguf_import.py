@@ -138,7 +138,7 @@ def join_chunks(gguf_name: str, chunks: list[Path], package: Path, field: str) -
 
 
 def is_gguf_file(path: str | Path) -> bool:
-    return str(path).lower().endswith(".gguf") and Path(path).expanduser().is_file()
+    return str(path).lower().endswith(".gguf") and Path(os.path.expanduser(path)).is_file()
 
 
 def content_key(path: Path) -> str:
@@ -209,7 +209,7 @@ def converted_folder(path: str | Path, field: str = "model.name_or_path") -> Pat
     """The plain Hugging Face folder made from a .gguf file (converted on first use, then cached)."""
     from lmtune.data.packing import cache_root
 
-    path = Path(path).expanduser().resolve()
+    path = Path(os.path.expanduser(path)).resolve()
     key = content_key(path)
     folder = cache_root() / "gguf" / key[:24]
     if (folder / MARKER).is_file():

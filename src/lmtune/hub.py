@@ -82,10 +82,45 @@ def local_model_path(name: str, field: str = "model.name_or_path") -> str:
     return name
 
 
+def unreadable_model_files(exc: BaseException) -> bool:
+    """Whether a loader's exception says the files are unreadable (missing, malformed, truncated) rather
+    than that lmtune or a library went wrong: safetensors' own error, torch's zip reader, JSON, I/O."""
+    if isinstance(exc, (OSError, ValueError, KeyError, EOFError)):
+        return True
+    if type(exc).__name__ == "SafetensorError":
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(s in text for s in ("PytorchStreamReader", "safetensors",
+                                                                       "invalid load key", "unexpected EOF"))
+
+
+def damaged_weights(folder: Path) -> Path | None:
+    """The first .safetensors file in `folder` whose header does not describe the file (truncated, or
+    not safetensors at all), read without loading the tensors."""
+    import json
+    import struct
+
+    files = [folder] if folder.is_file() else sorted(folder.glob("*.safetensors"))
+    for path in files:
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as fh:
+                header_len = struct.unpack("<Q", fh.read(8))[0]
+                if header_len > size - 8:
+                    return path
+                header = json.loads(fh.read(header_len))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if 8 + header_len + end != size:
+                return path
+        except (OSError, ValueError, KeyError, TypeError, struct.error):
+            return path
+    return None
+
+
 def run_model_folder(name: str) -> str:
     """An lmtune run dir stands for the model it saved (its model/ folder): `predict RUN`, and chained
     steps naming the previous step's run dir. Anything else passes through unchanged."""
-    run = Path(name).expanduser()
+    run = Path(os.path.expanduser(name))
     if (run / "model" / "config.json").is_file():
         return str(run / "model")
     return name
@@ -95,11 +130,17 @@ def from_pretrained_or_explain(loader: Callable[..., Any], name: str, what: str,
                                **kwargs: Any) -> Any:
     """Call a `from_pretrained`-style loader; turn "not found / offline" into one clear InputError."""
     name = local_model_path(name, field)
-    if Path(name).expanduser().exists():
+    if Path(os.path.expanduser(name)).exists():
         try:
-            return loader(str(Path(name).expanduser()), **kwargs)
-        except (OSError, ValueError, KeyError) as exc:
+            return loader(str(Path(os.path.expanduser(name))), **kwargs)
+        except Exception as exc:  # noqa: BLE001 -- sorted below: a damaged file is the user's, anything else ours
+            if not unreadable_model_files(exc):
+                raise
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            damaged = damaged_weights(Path(os.path.expanduser(name)))
+            if damaged:
+                raise InputError(f"{field}: the weights file '{damaged}' is damaged or incomplete ({first[:120]}); "
+                                 "copy or download it again.") from None
             raise InputError(
                 f"'{name}' exists but cannot be loaded as a {what} ({first[:200]}); "
                 f"point {field} at a Hugging Face {what} folder."

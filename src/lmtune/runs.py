@@ -77,7 +77,7 @@ def _model_name(config: dict) -> str:
     if model.get("name_or_path"):
         name = str(model["name_or_path"])
         # A local folder by its last two parts (runs/x/model -> x/model); a Hub id as it is.
-        return "/".join(Path(name).parts[-2:]) if Path(name).expanduser().exists() else name
+        return "/".join(Path(name).parts[-2:]) if Path(os.path.expanduser(name)).exists() else name
     scratch = model.get("from_scratch") or {}
     if scratch:
         arch = scratch.get("architecture", "gpt2")

@@ -390,6 +390,85 @@ def _(tmp, models):
             "--overwrite", "--vocab-size", "300"], ["is a file"]
 
 
+# ----- paths that are not plain files, and damaged files --------------------------------------------
+
+@case("data path under an unknown user's home")
+def _(tmp, models):
+    return train(tmp, clm("~nosuchuser-lmtune/docs.jsonl")), ["no user 'nosuchuser-lmtune'"]
+
+
+@case("data path is a FIFO")
+def _(tmp, models):
+    os.mkfifo(tmp / "pipe.jsonl")
+    return train(tmp, clm(str(tmp / "pipe.jsonl"))), ["is not a regular file"]
+
+
+@case("data path is /dev/zero")
+def _(tmp, models):
+    return train(tmp, clm("/dev/zero")), ["'/dev/zero' is not a regular file"]
+
+
+@case("data path is a symlink loop")
+def _(tmp, models):
+    (tmp / "loop.jsonl").symlink_to(tmp / "loop.jsonl")
+    return train(tmp, clm(str(tmp / "loop.jsonl"))), ["is a symlink that is broken or loops"]
+
+
+@case("predict --file given a folder")
+def _(tmp, models):
+    (tmp / "prompts").mkdir()
+    return ["predict", str(models / "gpt2"), "--file", str(tmp / "prompts")], ["is a folder, not a file"]
+
+
+@case("a lone surrogate in the text")
+def _(tmp, models):
+    data = write(tmp, "d.jsonl", GOOD_JSONL + '{"text": "broken \\ud800 text"}\n')
+    return train(tmp, clm(data)), ["is not valid Unicode", "lone surrogate"]
+
+
+@case("JSON nested too deeply")
+def _(tmp, models):
+    return train(tmp, clm(write(tmp, "d.jsonl", '{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n"))), [
+        "nested too deeply"]
+
+
+@case("a CSV quote that swallows the rows after it")
+def _(tmp, models):
+    rows = [f"{i},row number {i}" for i in range(150)]
+    rows[25] = '25,"an unclosed quote swallows'
+    rows.append('99,"closes here"')  # the quote closes here, so the field count looks right
+    return train(tmp, clm(write(tmp, "d.csv", "id,text\n" + "\n".join(rows) + "\n"))), [
+        "swallows the rows after it", "line 27"]
+
+
+@case("QA --file with a question that is not text")
+def _(tmp, models):
+    run = finished_run(tmp, models)
+    (run / "config.yaml").write_text(yaml.safe_dump(pretrained("qa", models / "bert", "d.jsonl")))
+    return ["predict", str(run), "--file", write(tmp, "q.jsonl", '{"question": 5, "context": "text"}\n')], [
+        "both non-empty text"]
+
+
+@case("a truncated safetensors file")
+def _(tmp, models):
+    import shutil
+
+    shutil.copytree(models / "gpt2", tmp / "damaged")
+    weights = tmp / "damaged" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:2000])
+    return ["predict", str(tmp / "damaged"), "hello"], ["model.safetensors' is damaged or incomplete"]
+
+
+@case("a pretrained model whose weights are not safetensors at all")
+def _(tmp, models):
+    import shutil
+
+    shutil.copytree(models / "gpt2", tmp / "garbage")
+    (tmp / "garbage" / "model.safetensors").write_bytes(b"\x00" * 64)
+    return train(tmp, pretrained("clm", tmp / "garbage", write(tmp, "d.jsonl", GOOD_JSONL))), [
+        "is damaged or incomplete"]
+
+
 IMMUTABLE: list[Path] = []  # folders made immutable for a case; the test lifts the flag afterwards
 
 

@@ -171,11 +171,38 @@ def split_train_validation(texts: list[str], fraction: float, seed: int) -> tupl
 # Files
 
 
+def user_path(pattern: str, where: str) -> Path:
+    """`pattern` with `~` and `~user` expanded; an unknown user is named (os.path leaves it unexpanded)."""
+    expanded = os.path.expanduser(pattern)
+    if pattern.startswith("~") and expanded == pattern:
+        user = pattern[1:].split("/", 1)[0]
+        raise InputError(f"{where}: '{pattern}' starts with ~{user}, and there is no user '{user}' on this machine; "
+                         "give the path in full.")
+    return Path(expanded)
+
+
+def path_problem(path: Path) -> str | None:
+    """Why `path` cannot be read as a file, in a few words, or None when it can: missing, a folder, a
+    device or pipe (which never ends or blocks), a symlink that is broken or loops."""
+    try:
+        if path.is_symlink() and not path.exists():
+            return "is a symlink that is broken or loops"
+        if not path.exists():
+            return "does not exist"
+        if path.is_dir():
+            return "is a folder, not a file"
+        if not path.is_file():
+            return "is not a regular file (a device, pipe or socket)"
+    except OSError as exc:  # a loop deeper in the path, a name too long, no permission to look
+        return f"cannot be looked at ({exc.strerror or exc})"
+    return None
+
+
 def expand_paths(patterns: list[str], where: str) -> list[Path]:
     """Files named directly, found recursively under folders, or matched by globs; sorted, unique."""
     found: list[Path] = []
     for pattern in patterns:
-        path = Path(pattern).expanduser()
+        path = user_path(pattern, where)
         # An existing file or folder is taken literally, even when its name holds '[' or '?'.
         if not path.exists() and any(ch in pattern for ch in "*?["):
             matches = [Path(p) for p in glob.glob(str(path), recursive=True)]
@@ -194,7 +221,8 @@ def expand_paths(patterns: list[str], where: str) -> list[Path]:
         elif path.is_file():
             found.append(path)
         else:
-            raise InputError(f"{where}: '{pattern}' does not exist; give an existing file, folder or glob.")
+            raise InputError(f"{where}: '{pattern}' {path_problem(path) or 'cannot be read'}; give an existing file, "
+                             "folder or glob.")
     unique = list(dict.fromkeys(p.resolve() for p in found))
     for p in unique:
         if suffix_of(p) not in SUPPORTED:
@@ -260,11 +288,24 @@ def _record_text(record: Any, text_field: str, location: str, where: str, match:
             f"{where}: {location} has no field '{text_field}' (fields: {fields}); set text_field to one of them."
         ) from None
     try:
-        return text_of(value)
+        return valid_unicode(text_of(value), f"field '{text_field}' of {location}", where)
     except TypeError as exc:
         raise InputError(
             f"{where}: field '{text_field}' in {location} is a {exc}, not text; choose a text field."
         ) from None
+
+
+def valid_unicode(text: str | None, what: str, where: str) -> str | None:
+    """`text` unless it holds a lone surrogate (JSON's "\\ud800" escapes decode to one), which is no
+    character: tokenizers and UTF-8 writers fail on it far from the record."""
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"{where}: {what} is not valid Unicode (a lone surrogate {text[exc.start]!r} at character "
+                         f"{exc.start}, from a JSON escape); fix or remove that record.") from None
+    return text
 
 
 # One document or record above this size is almost surely a broken file (a dump without newlines); it
@@ -303,6 +344,9 @@ def iter_table_records(path: Path, suffix: str, where: str, stats: SourceStats,
                 raise InputError(
                     f"{where}: line {lineno} of '{path}' is not valid JSON ({exc.msg}); fix or remove that line."
                 ) from None
+            except RecursionError:
+                raise InputError(f"{where}: line {lineno} of '{path}' is nested too deeply to read; a record is an "
+                                 "object of fields -- fix or remove that line.") from None
             yield f"line {lineno} of '{path}'", record
         return
     text = decode(data)
@@ -316,6 +360,9 @@ def iter_table_records(path: Path, suffix: str, where: str, stats: SourceStats,
             raise InputError(
                 f"{where}: '{path}' is not valid JSON ({exc.msg} at line {exc.lineno}); fix the file."
             ) from None
+        except RecursionError:
+            raise InputError(f"{where}: '{path}' is nested too deeply to read; give a list of record objects (or "
+                             "JSON Lines).") from None
         records = obj.get("data") if isinstance(obj, dict) and isinstance(obj.get("data"), list) else obj
         if not isinstance(records, list):
             raise InputError(
@@ -334,7 +381,7 @@ def iter_table_file(path: Path, suffix: str, text_field: str, where: str, stats:
     for location, record in iter_table_records(path, suffix, where, stats, column=text_field, columns=columns):
         text = _record_text(record, text_field, location, where, match)
         if text:
-            stats.bytes_kept += len(text.encode("utf-8", "surrogatepass"))
+            stats.bytes_kept += len(text.encode("utf-8"))
             yield text
 
 
@@ -352,7 +399,10 @@ def _iter_csv(path: Path, text: str, suffix: str, where: str, column: str | None
                 f"{where}: '{path}' has no column '{column}' (columns: {', '.join(header[:12])}); "
                 "set text_field to one of them."
             )
+        spans: list[int] = []  # lines each row took, to notice a quote that swallows the rows after it
+        start = reader.line_num
         for row in reader:
+            span, start = reader.line_num - start, reader.line_num
             if not row:
                 continue
             if len(row) != len(header):
@@ -360,12 +410,26 @@ def _iter_csv(path: Path, text: str, suffix: str, where: str, column: str | None
                     f"{where}: row at line {reader.line_num} of '{path}' has {len(row)} fields where the header "
                     f"has {len(header)}; fix the quoting or the separators there."
                 )
+            if swallowed(span, spans):
+                raise InputError(
+                    f"{where}: the row ending at line {reader.line_num} of '{path}' runs over {span} lines where rows "
+                    f"take {sorted(spans)[len(spans) // 2]}: a quote opened at line {reader.line_num - span + 1} "
+                    "swallows the rows after it; fix the quoting there.")
+            spans.append(span)
             yield f"line {reader.line_num} of '{path}'", dict(zip(header, row))
     except csv.Error as exc:
         raise InputError(
             f"{where}: cannot parse line {reader.line_num} of '{path}' ({exc}); fix the quoting or the separators "
             "there."
         ) from None
+
+
+def swallowed(span: int, spans: list[int]) -> bool:
+    """A CSV row spanning far more lines than the rows before it (at least 20 of them): at least 50 lines
+    and 20 times their median. Cells with a few line breaks are normal; a quote left open is not."""
+    if len(spans) < 20 or span < 50:
+        return False
+    return span > 20 * sorted(spans)[len(spans) // 2]
 
 
 def _iter_parquet(path: Path, where: str, stats: SourceStats, column: str | None,
@@ -522,7 +586,7 @@ def is_hub_id(src: SourceConfig) -> bool:
     if src.type != "auto" or len(src.paths) != 1:
         return False
     p = src.paths[0]
-    return not Path(p).expanduser().exists() and not any(ch in p for ch in "*?[") and not p.startswith(
+    return not Path(os.path.expanduser(p)).exists() and not any(ch in p for ch in "*?[") and not p.startswith(
         (".", "/", "~")
     ) and suffix_of(Path(p)) not in SUPPORTED and p.count("/") <= 1
 

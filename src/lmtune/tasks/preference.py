@@ -208,7 +208,7 @@ def resolve_format(cfg: RecipeConfig, first_record) -> None:
     if cfg.preference.format != "auto":
         return
     chat = is_conversational(first_record, cfg)
-    policy = Path(cfg.model.name_or_path or "").expanduser() / "config.yaml"
+    policy = Path(os.path.expanduser(cfg.model.name_or_path or "")) / "config.yaml"
     if not chat and cfg.task in ("dpo", "rl") and policy.is_file():
         run = validate_recipe(load_yaml(policy.read_text(encoding="utf-8")), origin=f"'{policy}'")
         chat = (run.task == "sft" and run.sft.format == "chat") or (
@@ -279,7 +279,7 @@ def inherit_prompt_template(cfg: RecipeConfig) -> None:
     the resolved template goes into the run's config.yaml, which `lmtune predict` reads."""
     if cfg.preference.prompt_template is not None or cfg.task not in ("dpo", "rl"):
         return
-    inherited = sft_prompt_template(Path(cfg.model.name_or_path).expanduser())
+    inherited = sft_prompt_template(Path(os.path.expanduser(cfg.model.name_or_path)))
     if inherited is not None:
         cfg.preference.prompt_template = inherited
         log.info("prompt template from the policy's run: %r", inherited)
@@ -362,7 +362,7 @@ def load_reward_scorer(path: str, default_max_length: int) -> RewardScorer:
         raise InputError(f"rl.reward_model '{path}' has {model.config.num_labels} outputs; a reward model has one "
                          "(train it with task reward).")
     max_length = default_max_length
-    config = Path(path).expanduser() / "config.yaml"
+    config = Path(os.path.expanduser(path)) / "config.yaml"
     if config.is_file():
         max_length = (load_yaml(config.read_text()) or {}).get("preference", {}).get("max_length", max_length)
     if torch.cuda.is_available():
