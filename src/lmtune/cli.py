@@ -94,6 +94,10 @@ def cmd_eval(args) -> int:
         src = SourceConfig(path=args.data, text_field=args.text_field, txt_unit=args.txt_unit)
     except ValueError as exc:
         raise InputError(f"--data: {exc}") from None
+    task = task_of(args.model)
+    if task not in ("clm", "sft", "dpo", "rl"):
+        raise InputError(f"lmtune eval measures a causal LM's perplexity; '{args.model}' is a {task} model -- its "
+                         "run's metrics.json holds its own figures.")
     model, tokenizer = clm.load_for_inference(_model_dir(args.model))
     check_block_size(model.config, args.block_size, "--block-size")
     corpus = load_corpus(src, "--data")

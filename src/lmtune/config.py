@@ -432,6 +432,10 @@ class RecipeConfig(Section):
         if self.training.mode != "full" and self.model.from_scratch is not None:
             raise ValueError(f"training.mode {self.training.mode} adapts a pretrained model; a model from scratch "
                              "trains in full")
+        if self.task != "clm" and (self.data.train.streaming or (self.data.validation and
+                                                                 self.data.validation.streaming)):
+            raise ValueError(f"streaming reads a causal-LM corpus as a stream; task {self.task} reads its examples "
+                             "whole -- drop data.train.streaming")
         if self.task != "clm" and self.loss.type == "keytoken":
             raise ValueError("loss.type keytoken is a causal-LM loss; use it with task clm")
         if fs is not None and fs.n_positions is not None and fs.n_positions < self.data.block_size:
@@ -689,13 +693,31 @@ def is_chain(raw: Any) -> bool:
     return isinstance(raw, dict) and "steps" in raw
 
 
+# Sections that only one family of tasks reads: written in a recipe of another task, they would be ignored.
+TASK_SECTIONS = {"mlm": {"mlm"}, "qa": {"qa"}, "classify": {"classify"}, "sft": {"sft"},
+                 "preference": {"reward", "dpo", "rl"}, "rl": {"rl"}, "loss": {"clm"}}
+
+
+def check_sections_apply(raw: dict, origin: str) -> None:
+    """A recipe's own sections (not the defaults a saved config.yaml spells out) must be read by its task."""
+    task = raw.get("task", "clm")
+    if not isinstance(task, str):
+        return  # the schema reports it
+    ignored = [name for name, tasks in TASK_SECTIONS.items() if name in raw and task not in tasks]
+    if ignored:
+        raise InputError(f"{origin}: task {task} does not read the section{'s' if len(ignored) > 1 else ''} "
+                         f"{', '.join(ignored)}; remove {'them' if len(ignored) > 1 else 'it'} (or change task).")
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
     raw = read_recipe_yaml(path)
     if is_chain(raw):
         raise InputError(f"recipe '{path}' is a chain of steps; run it with lmtune train (not this command).")
     if isinstance(raw, dict) and overrides:
         raw = apply_overrides(raw, overrides)
-    return validate_recipe(raw, origin=f"recipe '{path}'")
+    config = validate_recipe(raw, origin=f"recipe '{path}'")
+    check_sections_apply(raw, f"recipe '{path}'")
+    return config
 
 
 # --------------------------------------------------------------------------------------------------
@@ -760,6 +782,7 @@ def load_chain(path: str | Path, overrides: list[str] | None = None, output: str
     for step_name, step_raw in zip(names, steps_raw):
         step_raw = apply_overrides(_substitute(step_raw, run_dirs, step_name, origin), by_step[step_name])
         config = validate_recipe(step_raw, origin=f"{origin}, step '{step_name}'")
+        check_sections_apply(step_raw, f"{origin}, step '{step_name}'")
         run_dirs[step_name] = parent / step_name
         steps.append(ChainStep(name=step_name, config=config, run_dir=parent / step_name))
     return steps

@@ -469,6 +469,40 @@ def _(tmp, models):
         "is damaged or incomplete"]
 
 
+@case("labels that mix ids and names")
+def _(tmp, models):
+    data = write(tmp, "l.jsonl", "".join(json.dumps({"text": d, "label": [0, 1, "neg", "pos"][i % 4]}) + "\n"
+                                          for i, d in enumerate(DOCS)))
+    return train(tmp, pretrained("classify", models / "bert", data)), ["labels mix names and ids", "'neg'"]
+
+
+@case("a label that is a mapping")
+def _(tmp, models):
+    data = write(tmp, "l.jsonl", "".join(json.dumps({"text": d, "label": {"class": i % 2}}) + "\n"
+                                          for i, d in enumerate(DOCS)))
+    return train(tmp, pretrained("classify", models / "bert", data)), ["is a dict", "one name or id"]
+
+
+@case("streaming for a task that reads examples whole")
+def _(tmp, models):
+    data = write(tmp, "l.jsonl", "".join(json.dumps({"text": d, "label": i % 2}) + "\n" for i, d in enumerate(DOCS)))
+    return train(tmp, pretrained("classify", models / "bert", data, **{"data.train.streaming": True})), [
+        "streaming reads a causal-LM corpus"]
+
+
+@case("a section the task does not read")
+def _(tmp, models):
+    return train(tmp, clm(write(tmp, "d.jsonl", GOOD_JSONL), **{"sft.max_length": 64})), [
+        "task clm does not read the section sft"]
+
+
+@case("eval of a run of another task")
+def _(tmp, models):
+    run = finished_run(tmp, models)
+    (run / "config.yaml").write_text(yaml.safe_dump(pretrained("mlm", models / "bert", "d.jsonl")))
+    return ["eval", str(run), "--data", write(tmp, "d.jsonl", GOOD_JSONL)], ["measures a causal LM", "mlm model"]
+
+
 IMMUTABLE: list[Path] = []  # folders made immutable for a case; the test lifts the flag afterwards
 
 

@@ -92,6 +92,34 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_label_kinds(raw: list[Any], locations: list[str], problem_type: str, where: str) -> None:
+    """Labels of one kind: names or integer ids (not both: 0/1 beside 'neg'/'pos' would become four
+    classes), a list of them per example for multi_label, a number for regression -- never a mapping,
+    and no fractions where classes are meant."""
+    kinds: dict[str, tuple[Any, str]] = {}
+    for value, location in zip(raw, locations):
+        items = value if problem_type == "multi_label" and isinstance(value, list) else [value]
+        for item in items:
+            if problem_type == "regression":
+                ok = isinstance(item, (int, float, str)) and not isinstance(item, bool)
+                kind = "number"
+            elif isinstance(item, float) and not item.is_integer():
+                raise InputError(f"{where}: label {item!r} in {location} is a fraction; classes are names or integer "
+                                 "ids (set classify.problem_type: regression to predict a number).")
+            else:
+                ok = isinstance(item, (str, int, float))  # bool is an int: true/false are ids 1/0
+                kind = "name" if isinstance(item, str) else "id"
+            if not ok:
+                shape = "a list" if isinstance(item, list) else f"a {type(item).__name__}"
+                raise InputError(f"{where}: label in {location} is {shape} ({str(item)[:60]}); a label is one name or "
+                                 f"id{' (a list of them with classify.problem_type: multi_label)' if isinstance(item, list) else ''}.")
+            kinds.setdefault(kind, (item, location))
+    if {"name", "id"} <= set(kinds):
+        (name, at_name), (number, at_id) = kinds["name"], kinds["id"]
+        raise InputError(f"{where}: labels mix names and ids ({name!r} in {at_name}, {number!r} in {at_id}), which "
+                         "would count as different classes; write every label one way.")
+
+
 def label_space(raw: list[Any], cfg: RecipeConfig) -> LabelSpace:
     """Names in id order: the recipe's `classify.labels`, else the training data's labels sorted
     (integers 0..K-1 named '0'..'K-1')."""
@@ -218,6 +246,8 @@ def prepare(cfg: RecipeConfig) -> Prepared:
         order = list(range(len(train.texts)))
         train_idx, val_idx = split_train_validation(order, cfg.data.validation_fraction, cfg.data.split_seed)
         train, val = _take(train, train_idx), _take(train, val_idx)
+    for split, where in ((train, "data.train"), (val, "data.validation")):
+        check_label_kinds(split.raw_labels, split.locations, c.problem_type, where)
     space = label_space(train.raw_labels, cfg)
     train_labels = [encode_label(v, space, loc, "data.train") for v, loc in zip(train.raw_labels, train.locations)]
     val_labels = [encode_label(v, space, loc, "data.validation") for v, loc in zip(val.raw_labels, val.locations)]
