@@ -42,6 +42,11 @@ def _setup_logging(verbose: bool) -> None:
     datasets.logging.set_verbosity_error()
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:160]
+
+
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
@@ -340,6 +345,7 @@ def cmd_export(args) -> int:
     """A run's model as a plain Hugging Face folder; a LoRA run's adapter folded into its base (--merge)."""
     import shutil
 
+    from lmtune.atomic import write_folder_aside
     from lmtune.config import load_yaml
 
     from lmtune.config import validate_recipe
@@ -353,8 +359,6 @@ def cmd_export(args) -> int:
     if out.exists() and not (out.is_dir() and ((out / "config.json").is_file() or not any(out.iterdir()))):
         raise InputError(f"--out '{out}' is not a model folder (no config.json) nor empty; --overwrite replaces only "
                          "an exported model -- choose another folder.")
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     if args.merge and not (run / "adapter").is_dir():
         raise InputError(f"--merge folds a LoRA adapter into its base, and '{run}' was not trained with LoRA (no "
                          "adapter/); drop --merge.")
@@ -365,13 +369,14 @@ def cmd_export(args) -> int:
 
         cfg = validate_recipe(load_yaml((run / "config.yaml").read_text()), origin=f"'{run}/config.yaml'")
         model, tokenizer = merge_adapter(run, cfg.model, cfg.task)
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
+
+        def write(tmp: Path) -> None:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
     else:
-        shutil.copytree(run / "model", tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+        def write(tmp: Path) -> None:
+            shutil.copytree(run / "model", tmp)
+    write_folder_aside(out, write)
     print(json.dumps({"out": str(out), "merged": (run / "adapter").is_dir()}))
     return 0
 
@@ -520,14 +525,9 @@ def cmd_tokenizer_train(args) -> int:
     log.info(corpus.stats.summary("--data"))
     tokenizer = train_bpe_tokenizer(corpus.texts, args.vocab_size, args.min_frequency, args.max_bytes,
                                     show_progress=sys.stderr.isatty())
-    tmp = out.with_name(f".{out.name}.partial")
-    import shutil
+    from lmtune.atomic import write_folder_aside
 
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save_pretrained(str(tmp))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    write_folder_aside(out, lambda tmp: tokenizer.save_pretrained(str(tmp)))
     print(json.dumps({"out": str(out), "vocab_size": len(tokenizer)}))
     return 0
 
@@ -677,7 +677,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lmtune: interrupted; continue a training run with `lmtune train RECIPE --resume`.", file=sys.stderr)
         return 130
-    except Exception:  # a fault of ours: keep the whole story
+    except Exception as exc:  # a fault of ours -- or the disk's, whatever library met it
+        from lmtune.errors import storage_failure
+
+        refused = storage_failure(exc)
+        if refused is not None:
+            if _is_main_process():
+                print(f"lmtune: error: {refused}: {_first_line(exc)}; free space (or choose another place to write) "
+                      "and run the command again.", file=sys.stderr)
+            return 1
         traceback.print_exc()
         print("lmtune: internal error (the traceback above is also in the run's train.log); please report it.",
               file=sys.stderr)

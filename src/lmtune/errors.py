@@ -29,3 +29,28 @@ class StoppedBySignal(Exception):
 
 class StorageError(Exception):
     """The disk refused a write (full, over quota); what was saved before is intact."""
+
+
+# errno values that mean "the storage refused the write", and the words other libraries wrap them in
+# (torch's checkpoint writer, safetensors and tokenizers in Rust say "No space left on device (os error 28)").
+STORAGE_ERRNOS = {28: "the disk is full", 122: "the disk quota is exceeded", 30: "the file system is read-only"}
+STORAGE_WORDS = {"no space left on device": 28, "disk quota exceeded": 122, "read-only file system": 30,
+                 "os error 28": 28, "os error 122": 122, "os error 30": 30}
+
+
+def storage_failure(exc: BaseException | None) -> str | None:
+    """What the storage refused, when `exc` or anything in its chain of causes is a full disk, an
+    exceeded quota or a read-only file system -- raised as OSError, or wrapped by another library in
+    its own exception type with the OS's words in the message; None otherwise."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        number = getattr(exc, "errno", None)
+        if isinstance(exc, OSError) and number in STORAGE_ERRNOS:
+            return STORAGE_ERRNOS[number]
+        text = str(exc).lower()
+        for words, code in STORAGE_WORDS.items():
+            if words in text:
+                return STORAGE_ERRNOS[code]
+        exc = exc.__cause__ or exc.__context__
+    return None

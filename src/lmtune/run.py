@@ -10,7 +10,6 @@ a failed run never leaves a half-written run dir and never touches an existing o
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from lmtune import distributed
 from lmtune.config import RecipeConfig
-from lmtune.errors import InputError, NonFiniteError, StorageError, StoppedBySignal
+from lmtune.errors import InputError, NonFiniteError, StorageError, StoppedBySignal, storage_failure
 from lmtune.training.checkpoints import newest_complete_checkpoint
 
 log = logging.getLogger("lmtune")
@@ -171,11 +170,25 @@ def write_report_quietly(work: Path) -> None:
         log.warning("report.html could not be written (%s: %s)", type(exc).__name__, exc)
 
 
+class _QuietFileHandler(logging.FileHandler):
+    """train.log is bookkeeping: a write that fails (a full disk) is dropped, never printed as a
+    traceback of its own, and never replaces the error that ended the run."""
+
+    def handleError(self, record):  # noqa: N802 -- logging's name
+        pass
+
+    def close(self):
+        try:
+            super().close()
+        except OSError:
+            pass
+
+
 class _RunLog:
     """Mirror the lmtune logger into the work dir's train.log while a run is active."""
 
     def __init__(self, path: Path):
-        self.handler = logging.FileHandler(path, encoding="utf-8")
+        self.handler = _QuietFileHandler(path, encoding="utf-8")
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
 
     def __enter__(self):
@@ -234,12 +247,16 @@ def train(cfg: RecipeConfig, run_dir: Path, overwrite: bool = False, resume: boo
         try:
             _train_in(work, cfg, task, prepared, model, precision, resume, timings, t0, params)
         except BaseException as exc:
+            kept_log = None
             if main:
                 interrupted = isinstance(exc, KeyboardInterrupt | StoppedBySignal)
                 write_status(work, "interrupted" if interrupted else "failed",
                              error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500])
-                write_report_quietly(work)
-            _explain_stop(exc, work)
+                if interrupted or resume or newest_complete_checkpoint(work / "checkpoints") is not None:
+                    write_report_quietly(work)
+                else:
+                    kept_log = discard_unfinished_work(work, run_dir)
+            _explain_stop(exc, work, kept_log)
     if main:
         write_status(work, "done")
         write_report_quietly(work)
@@ -248,23 +265,47 @@ def train(cfg: RecipeConfig, run_dir: Path, overwrite: bool = False, resume: boo
     return run_dir
 
 
-def _explain_stop(exc: BaseException, work: Path) -> None:
+def discard_unfinished_work(work: Path, run_dir: Path) -> Path | None:
+    """A run that failed before its first checkpoint has nothing to resume: its work dir goes, so that the
+    corrected command simply runs again, and its train.log is kept beside the run dir (a rename: it costs
+    no space on a full disk). Returns where the log is."""
+    kept = run_dir.with_name(f".{run_dir.name}.failed.log")
+    try:
+        os.replace(work / "train.log", kept)
+    except OSError:
+        kept = None
+    shutil.rmtree(work, ignore_errors=True)
+    return kept
+
+
+def _explain_stop(exc: BaseException, work: Path, kept_log: Path | None = None) -> None:
     """Log why the run stopped, then raise what the CLI turns into an exit code."""
+    where = (f"nothing was saved yet, so {work} was removed (its log: {kept_log})" if kept_log else
+             f"the checkpoints saved so far are in {work}")
     if isinstance(exc, NonFiniteError):
-        good = newest_complete_checkpoint(work / "checkpoints")
+        good = newest_complete_checkpoint(work / "checkpoints") if work.exists() else None
         message = (f"training stopped: {exc}, and was not applied to the weights; the last good checkpoint is "
                    f"{good if good else 'none (none was saved yet)'}; lower training.learning_rate or set "
-                   "training.max_grad_norm, then run again with --resume or --overwrite")
+                   f"training.max_grad_norm, then run again{' with --resume or --overwrite' if good else ''}")
         log.error("%s", message)
         raise NonFiniteError(message) from None
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        message = (f"the disk is full: writing into {work} failed ({exc.strerror}); the checkpoints saved so "
-                   "far are intact; free space and run again with --resume")
+    refused = None if isinstance(exc, StorageError) else storage_failure(exc)
+    if refused is not None:
+        message = (f"{refused}: writing the run failed ({_first_line(exc)}); {where}; free space and run again"
+                   f"{'' if kept_log else ' with --resume'}")
         log.error("%s", message)
         raise StorageError(message) from None
-    log.error("run stopped (%s); what it wrote is kept in %s; continue it with --resume", type(exc).__name__, work,
+    if kept_log is not None and isinstance(exc, InputError):
+        log.error("%s", where)
+        raise exc
+    log.error("run stopped (%s); %s%s", type(exc).__name__, where, "" if kept_log else "; continue it with --resume",
               exc_info=not isinstance(exc, KeyboardInterrupt | InputError | StoppedBySignal | StorageError))
     raise exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:160]
 
 
 def train_chain(recipe: str | Path, overrides: list[str] | None = None, output: str | Path | None = None,

@@ -7,7 +7,6 @@ and one JSON line per logging step in the run dir.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
@@ -24,7 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from lmtune import distributed
 from lmtune.config import TrainingConfig
-from lmtune.errors import NonFiniteError, StorageError
+from lmtune.errors import NonFiniteError, StorageError, storage_failure
 from lmtune.modeling import encoder_of_masked_lm, head_only_at
 from lmtune.training.checkpoints import PREFIX, prune_checkpoints, publish_checkpoint
 from lmtune.training.losses import (
@@ -218,13 +217,14 @@ def reliable(trainer_class: type[Trainer]) -> type[Trainer]:
             staging = real / ".staging"
             try:
                 self._stage_and_publish(model, trial, real, staging)
-            except OSError as exc:
+            except Exception as exc:  # torch's writer and safetensors wrap the OS error in their own types
                 shutil.rmtree(staging, ignore_errors=True)
-                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                refused = storage_failure(exc)
+                if refused is None:
                     raise
-                raise StorageError(f"the disk is full: saving the checkpoint of step {self.state.global_step} "
-                                   f"in {real} failed ({exc.strerror}); the earlier checkpoints are intact; free "
-                                   "space (or lower training.save_total_limit) and run again with --resume") from None
+                raise StorageError(f"{refused}: saving the checkpoint of step {self.state.global_step} in {real} "
+                                   "failed; the earlier checkpoints are intact; free space (or lower "
+                                   "training.save_total_limit) and run again with --resume") from None
             if distributed.is_main():
                 prune_checkpoints(real, self.args.save_total_limit, self._best_checkpoint(real))
 
