@@ -296,7 +296,7 @@ def _explain_stop(exc: BaseException, work: Path, kept_log: Path | None = None) 
         log.error("%s", message)
         raise StorageError(message) from None
     if kept_log is not None and isinstance(exc, InputError):
-        log.error("%s", where)
+        log.error("run stopped: %s; %s", exc, where)
         raise exc
     log.error("run stopped (%s); %s%s", type(exc).__name__, where, "" if kept_log else "; continue it with --resume",
               exc_info=not isinstance(exc, KeyboardInterrupt | InputError | StoppedBySignal | StorageError))

@@ -356,3 +356,19 @@ def test_final_answers_are_read_with_the_recipes_pattern():
                            re.IGNORECASE)
     assert final_answer("Positive.", sentiment) == "positive"
     assert final_answer("The review is negative, not positive", sentiment) == "negative"  # the first stated
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_trap(world, capsys):
+    """A mistake found once the run has started (a sample without the template's field) removes the
+    unfinished run folder, keeps its log beside, and the corrected command simply runs."""
+    tmp = world[0]
+    run = tmp / "runs" / "late-error"
+    bad = recipe(tmp, **{"sft.samples": [{"query": "What does the cat say?"}], "training.max_steps": 2})
+    capsys.readouterr()
+    code = main(["train", str(bad), "--output", str(run)])
+    assert_one_sentence(code, capsys.readouterr().err, "sft.samples[0] has no field 'question'")
+    assert not run.exists() and not (run.parent / ".late-error.partial").exists()
+    log = (run.parent / ".late-error.failed.log").read_text()
+    assert "has no field 'question'" in log and "its log:" in log
+    good = recipe(tmp, **{"training.max_steps": 2})
+    assert main(["train", str(good), "--output", str(run)]) == 0  # no --overwrite or --resume needed
