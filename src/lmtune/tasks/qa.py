@@ -56,8 +56,8 @@ def _answers_of(value: Any, location: str, where: str) -> tuple[list[str], list[
     does ([{text, answer_start}, ...])."""
     if isinstance(value, dict) and "text" in value and "answer_start" in value:
         texts, starts = value["text"], value["answer_start"]
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        starts = [starts] if isinstance(starts, int) else list(starts)
+        texts = [texts] if isinstance(texts, str) else list(texts) if isinstance(texts, list) else [None]
+        starts = [starts] if isinstance(starts, int) else list(starts) if isinstance(starts, list) else [None]
     elif isinstance(value, list) and all(isinstance(a, dict) and "text" in a and "answer_start" in a for a in value):
         texts, starts = [a["text"] for a in value], [a["answer_start"] for a in value]
     else:
@@ -90,10 +90,19 @@ def examples_from_records(records: Records, where: str) -> list[QAExample]:
     becomes one example per question."""
     out: list[QAExample] = []
     for location, record in records.rows:
+        if not isinstance(record, dict):
+            raise InputError(f"{where}: {location} is a {type(record).__name__}, not a QA record (an object with id, "
+                             "context, question and answers); fix that record.")
         if "paragraphs" not in record:
             out.append(_example(record, location, where))
             continue
-        for p, paragraph in enumerate(record["paragraphs"]):
+        paragraphs = record["paragraphs"]
+        if not isinstance(paragraphs, list) or not all(
+                isinstance(p, dict) and isinstance(p.get("qas", []), list)
+                and all(isinstance(qa, dict) for qa in p.get("qas", [])) for p in paragraphs):
+            raise InputError(f"{where}: {location}: 'paragraphs' must be a list of {{context, qas: [...]}} objects, "
+                             "as in the official SQuAD JSON; fix that record.")
+        for p, paragraph in enumerate(paragraphs):
             for q, qa in enumerate(paragraph.get("qas", [])):
                 flat = {"context": paragraph.get("context"), **qa}
                 if qa.get("is_impossible"):
