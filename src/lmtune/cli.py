@@ -316,9 +316,26 @@ def cmd_report(args) -> int:
     if not run.is_dir() or not ((run / "config.yaml").is_file() or (run / "metrics.json").is_file()):
         raise InputError(f"'{run}' is not a run dir (no config.yaml); give a folder under runs/ (or its "
                          ".<name>.partial folder).")
-    path = write_report(run, Path(args.out) if args.out else None)
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        if out.is_dir():
+            raise InputError(f"--out '{out}' is a folder; give the path of the page to write (e.g. report.html).")
+        if out.exists() and not is_lmtune_report(out):
+            raise InputError(f"--out '{out}' exists and is not a report lmtune wrote; lmtune replaces only its own "
+                             "pages -- choose another --out.")
+    path = write_report(run, out)
     print(json.dumps({"report": str(path)}))
     return 0
+
+
+def is_lmtune_report(path: Path) -> bool:
+    """A page `lmtune report` wrote: its last lines say so."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, path.stat().st_size - 400))
+            return b"Written by <code>lmtune report</code>" in fh.read()
+    except OSError:
+        return False
 
 
 def cmd_preview(args) -> int:

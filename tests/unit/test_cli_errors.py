@@ -102,3 +102,80 @@ def test_undecodable_files_are_skipped_counted_and_reported(tmp_path, capsys):
 ])
 def test_bad_command_lines(argv, fragment, capsys):
     assert_one_sentence(*run_cli(capsys, argv), fragment)
+
+
+# --------------------------------------------------------------------------------------------------
+# Every verb that writes: it replaces only what it wrote, and never writes into what it reads
+
+
+def writing_verbs() -> set[str]:
+    """The verbs (and `tokenizer train`) whose parser has an output option."""
+    import argparse
+
+    from lmtune.cli import build_parser
+
+    found = set()
+
+    def walk(parser, prefix=""):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{prefix}{name} ")
+            elif {"--out", "--output"} & set(action.option_strings):
+                found.add(prefix.strip())
+
+    walk(build_parser())
+    return found
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished run dir of a tiny causal LM, and its training data."""
+    tmp = tmp_path_factory.mktemp("writers")
+    data = tmp / "docs.jsonl"
+    data.write_text("\n".join(json.dumps({"text": d}) for d in make_documents(40, seed=2)) + "\n")
+    recipe = tmp / "r.yaml"
+    recipe.write_text(yaml.safe_dump(base_recipe(str(data))))
+    assert main(["train", str(recipe), "--output", str(tmp / "run")]) == 0
+    return tmp, tmp / "run", data, recipe
+
+
+def user_files(tmp) -> dict:
+    """A folder and a file of the user's, with content lmtune must leave alone."""
+    (tmp / "mine").mkdir(exist_ok=True)
+    (tmp / "mine" / "notes.txt").write_text("the user's notes")
+    (tmp / "page.html").write_text("<html>the user's page</html>")
+    return {"folder": tmp / "mine", "file": tmp / "page.html"}
+
+
+# verb -> (argv that writes over something of the user's, argv that writes into its own input)
+SCENARIOS = {
+    "train": (lambda t, run, data, recipe, mine: ["train", recipe, "--output", mine["folder"], "--overwrite"],
+              lambda t, run, data, recipe, mine: ["train", recipe, "--output", data.parent, "--overwrite"]),
+    "export": (lambda t, run, data, recipe, mine: ["export", run, "--out", mine["folder"], "--overwrite"],
+               lambda t, run, data, recipe, mine: ["export", run, "--out", run / "model", "--overwrite"]),
+    "tokenizer train": (lambda t, run, data, recipe, mine: ["tokenizer", "train", "--data", data, "--out",
+                                                            mine["folder"], "--overwrite", "--vocab-size", "300"],
+                        lambda t, run, data, recipe, mine: ["tokenizer", "train", "--data", data.parent, "--out",
+                                                            data.parent / "tok", "--vocab-size", "300"]),
+    "report": (lambda t, run, data, recipe, mine: ["report", run, "--out", mine["file"]],
+               lambda t, run, data, recipe, mine: ["report", run, "--out", run / "config.yaml"]),
+}
+
+
+def snapshot(root) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else b"dir" for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("verb", sorted(SCENARIOS))
+@pytest.mark.parametrize("scenario", ["over the user's files", "into its own input"])
+def test_every_verb_that_writes_replaces_only_its_own_and_not_its_input(finished, verb, scenario, capsys):
+    assert writing_verbs() == set(SCENARIOS), "a verb that writes has no scenarios here"
+    tmp, run, data, recipe = finished
+    mine = user_files(tmp)
+    build = SCENARIOS[verb][0 if scenario == "over the user's files" else 1]
+    before = snapshot(tmp)
+    capsys.readouterr()
+    code = main([str(a) for a in build(tmp, run, data, recipe, mine)])
+    assert_one_sentence(code, capsys.readouterr().err)
+    assert snapshot(tmp) == before
