@@ -503,6 +503,169 @@ def _(tmp, models):
     return ["eval", str(run), "--data", write(tmp, "d.jsonl", GOOD_JSONL)], ["measures a causal LM", "mlm model"]
 
 
+# ----- recipes that must be refused early and cheaply ---------------------------------------------
+
+def recipe_text(tmp: Path, text: str, name: str = "recipe.yaml") -> list[str]:
+    return ["train", write(tmp, name, text), "--output", str(tmp / "out" / "run")]
+
+
+@case("a section written twice")
+def _(tmp, models):
+    good = yaml.safe_dump(clm(write(tmp, "d.jsonl", GOOD_JSONL)))
+    return recipe_text(tmp, good + "training:\n  seed: 3\n"), ["key 'training' is written twice", "lines"]
+
+
+@case("a key written twice within a section")
+def _(tmp, models):
+    return recipe_text(tmp, "task: clm\nname: x\ntraining:\n  max_steps: 3\n  max_steps: 4\n"), [
+        "key 'max_steps' is written twice (lines 4 and 5)"]
+
+
+@case("an alias bomb")
+def _(tmp, models):
+    levels = ["a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [
+        f"{c}: &{c} [{', '.join(['*' + p] * 10)}]" for p, c in zip("abcdefgh", "bcdefghi")]
+    return recipe_text(tmp, "task: clm\n" + "\n".join(levels) + "\n"), ["expands to more than 100,000 values"]
+
+
+@case("a recipe of several megabytes")
+def _(tmp, models):
+    return recipe_text(tmp, "task: clm\n" + "# padding line\n" * 150_000), ["MB, not a YAML recipe"]
+
+
+@case("a data file given as the recipe")
+def _(tmp, models):
+    return ["train", write(tmp, "d.jsonl", GOOD_JSONL), "--output", str(tmp / "out" / "run")], [
+        "is a .jsonl file, not a YAML recipe"]
+
+
+@case("a JSON data file given as the recipe")
+def _(tmp, models):
+    return recipe_text(tmp, json.dumps([{"text": d} for d in DOCS[:3]]), "d.json"), ["is not a recipe"]
+
+
+@case("a YAML error reported at its own line")
+def _(tmp, models):
+    return recipe_text(tmp, "task: clm\nname: x\ndata\n  train: {path: a}\nmodel: {}\n"), [
+        "is not valid YAML at line 3"]
+
+
+@case("an infinite learning rate")
+def _(tmp, models):
+    return train(tmp, clm(write(tmp, "d.jsonl", GOOD_JSONL), **{"training.learning_rate": float("inf")})), [
+        "'training.learning_rate': must be a finite number"]
+
+
+@case("a batch of a hundred billion")
+def _(tmp, models):
+    return train(tmp, clm(write(tmp, "d.jsonl", GOOD_JSONL), **{"training.batch_size": 10**11})), [
+        "'training.batch_size': must be at most"]
+
+
+@case("a block of a billion tokens")
+def _(tmp, models):
+    return train(tmp, clm(write(tmp, "d.jsonl", GOOD_JSONL), **{"data.block_size": 10**9})), [
+        "'data.block_size': must be at most"]
+
+
+@case("a model from scratch too big for this machine")
+def _(tmp, models):
+    return train(tmp, clm(write(tmp, "d.jsonl", GOOD_JSONL), **{
+        "model.from_scratch": {"n_layer": 1024, "n_head": 64, "n_embd": 65536}})), ["GiB to train", "GiB free"]
+
+
+@case("a negative seed")
+def _(tmp, models):
+    return train(tmp, clm(write(tmp, "d.jsonl", GOOD_JSONL), **{"training.seed": -5})), [
+        "'training.seed': must be at least 0"]
+
+
+@case("a huge value echoed back in short")
+def _(tmp, models):
+    return train(tmp, clm(write(tmp, "d.jsonl", GOOD_JSONL), **{"data.packing": "x" * 100_000})), [
+        "'data.packing'", "…"]
+
+
+@case("a section written as a list")
+def _(tmp, models):
+    return train(tmp, clm(write(tmp, "d.jsonl", GOOD_JSONL), **{"training": [1, 2]})), [
+        "'training': must be a mapping of settings"]
+
+
+@case("a conversational record where the template wants text")
+def _(tmp, models):
+    data = write(tmp, "s.jsonl", json.dumps({"question": [{"role": "user", "content": "hi"}], "answer": "a"}) + "\n")
+    return train(tmp, pretrained("sft", models / "gpt2", data)), ["has a list in field 'question'"]
+
+
+@case("a null answer in an SFT record")
+def _(tmp, models):
+    data = write(tmp, "s.jsonl", json.dumps({"question": "q?", "answer": None}) + "\n")
+    return train(tmp, pretrained("sft", models / "gpt2", data)), ["has null in field 'answer'"]
+
+
+@case("a null rejected reply in a preference pair")
+def _(tmp, models):
+    data = write(tmp, "p.jsonl", json.dumps({"prompt": "q?", "chosen": "yes", "rejected": None}) + "\n")
+    return train(tmp, pretrained("reward", models / "gpt2", data)), ["has null in field 'rejected'"]
+
+
+@case("conversational preference records in the text format")
+def _(tmp, models):
+    row = {"prompt": [{"role": "user", "content": "q?"}], "chosen": [{"role": "assistant", "content": "yes"}],
+           "rejected": [{"role": "assistant", "content": "no"}]}
+    data = write(tmp, "p.jsonl", json.dumps(row) + "\n")
+    return train(tmp, pretrained("reward", models / "gpt2", data, **{"preference.format": "text"})), [
+        "has a list in field 'chosen'", "preference.format: chat"]
+
+
+@case("the chat format for a tokenizer without a chat template")
+def _(tmp, models):
+    data = write(tmp, "s.jsonl", json.dumps({"question": "q?", "answer": "a"}) + "\n")
+    return train(tmp, pretrained("sft", models / "gpt2", data, **{"sft.format": "chat",
+                                                                   "sft.user_template": "{question}"})), [
+        "needs a tokenizer with a chat template"]
+
+
+@case("a label word missing from field_values")
+def _(tmp, models):
+    data = write(tmp, "s.jsonl", json.dumps({"question": "q?", "answer": 3}) + "\n")
+    return train(tmp, pretrained("sft", models / "gpt2", data, **{"sft.field_values": {"answer": {0: "no",
+                                                                                                  1: "yes"}}})), [
+        "sft.field_values.answer does not name"]
+
+
+@case("an answer pattern without a group")
+def _(tmp, models):
+    data = write(tmp, "s.jsonl", json.dumps({"question": "q?", "answer": "a"}) + "\n")
+    return train(tmp, pretrained("sft", models / "gpt2", data, **{"sft.answer_pattern": "####.*"})), [
+        "answer_pattern needs a group"]
+
+
+@case("report --out over a file of the user's")
+def _(tmp, models):
+    run = finished_run(tmp, models)
+    return ["report", str(run), "--out", write(tmp, "notes.html", "<p>mine</p>")], ["is not a report lmtune wrote"]
+
+
+@case("report --out given a folder")
+def _(tmp, models):
+    run = finished_run(tmp, models)
+    (tmp / "pages").mkdir()
+    return ["report", str(run), "--out", str(tmp / "pages")], ["is a folder"]
+
+
+@case("a GGUF that is not one")
+def _(tmp, models):
+    return ["predict", write(tmp, "model.gguf", b"GGUF" + b"\x00" * 64), "hello"], ["is not a readable GGUF file"]
+
+
+@case("a package that is not installed")
+def _(tmp, models):
+    return train(tmp, pretrained("clm", Path("package:no_such_lmtune_pkg"), write(tmp, "d.jsonl", GOOD_JSONL))), [
+        "pip install no-such-lmtune-pkg"]
+
+
 IMMUTABLE: list[Path] = []  # folders made immutable for a case; the test lifts the flag afterwards
 
 
@@ -631,8 +794,8 @@ def snapshot(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*"))}
 
 
-def test_there_are_at_least_forty_cases():
-    assert len(CASES) >= 40
+def test_there_are_at_least_a_hundred_cases():
+    assert len(CASES) >= 100
 
 
 @pytest.mark.parametrize("name", list(CASES))
