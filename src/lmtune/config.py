@@ -239,6 +239,9 @@ class SFTConfig(Section):
     field_values: dict[str, dict[str | int, str]] = Field(
         default_factory=dict, description="Values of a field written as words in templates, e.g. {label: "
         "{'0': negative, '1': positive}}.")
+    max_field_chars: int | None = Field(
+        None, ge=1, le=10**9, description="Prompt fields longer than this many characters keep their start, cut at a "
+        "word boundary and marked with '…' (long reviews, articles); the response is never cut.")
     answer_pattern: str | None = Field(
         None, description="A regular expression whose first group is an example's final answer ('#### (.+)' for "
         "GSM8K): held-out prompts are answered (greedy) and the answers compared with the references.")

@@ -118,6 +118,10 @@ def test_chat_built_from_fields_with_a_system_prompt_and_words_for_labels(world)
     assert pair.prompt == ("<|im_start|>system\nYou judge reviews.<|im_end|>\n<|im_start|>user\nReview: Great film.\n"
                            "Positive or negative?<|im_end|>\n<|im_start|>assistant\n")
     assert pair.response == "positive<|im_end|>" and not pair.eos
+    cut = sft_cfg(user_template="Review: {text}", response_field="label", max_field_chars=20).sft
+    pair = render_chat({"text": "A warm, funny film with a wonderful cast.", "label": "positive"}, cut, tokenizer,
+                       "line 1", "data.train")
+    assert "Review: A warm, funny film…<|im_end|>" in pair.prompt and pair.response == "positive<|im_end|>"
     with pytest.raises(InputError, match="line 2 has '7' in field 'label', which sft.field_values.label does not"):
         render_chat({"text": "x", "label": 7}, cfg, tokenizer, "line 2", "data.train")
     with pytest.raises(InputError, match="line 3 has null in field 'text'"):

@@ -97,3 +97,14 @@ def test_a_full_disk_during_export_and_tokenizer_training(tmp_path, small_disk):
     proc = lmtune("tokenizer", "train", "--data", big, "--vocab-size", "30000", "--out", disk / "tok", cache=cache)
     assert_disk_full_sentence(proc)
     assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+
+
+def test_a_full_cache_disk_costs_speed_not_the_run(tmp_path, small_disk):
+    """The caches (packed blocks, trained tokenizers) are an optimisation: with no room for them the run
+    still trains, on a second try too."""
+    disk = small_disk(1)
+    (disk / "filler").write_bytes(b"x" * (1024 * 1024 - 4096 * 2))
+    for attempt in ("first", "second"):
+        proc = lmtune("train", recipe(tmp_path, save_strategy="no"), "--output", tmp_path / attempt, cache=disk)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr

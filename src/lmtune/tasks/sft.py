@@ -100,9 +100,22 @@ def _value(record: dict, name: str, location: str, where: str, sft: SFTConfig | 
     return str(value)
 
 
+def shortened(text: str, limit: int | None) -> str:
+    """`text` cut to `limit` characters at a word boundary, marked with '…' (sft.max_field_chars)."""
+    if limit is None or len(text) <= limit:
+        return text
+    cut = text[:limit]
+    return (cut.rsplit(None, 1)[0] if " " in cut.strip() else cut).rstrip() + "…"
+
+
+def _prompt_values(record: dict, template: str, sft: SFTConfig, location: str, where: str) -> dict[str, str]:
+    return {name: shortened(_value(record, name, location, where, sft), sft.max_field_chars)
+            for name in template_fields(template)}
+
+
 def render_template(record: dict, sft: SFTConfig, location: str, where: str, with_response: bool = True) -> Pair:
     prompt_part, tail = split_template(sft.template, sft.response_field)
-    values = {name: _value(record, name, location, where, sft) for name in template_fields(prompt_part)}
+    values = _prompt_values(record, prompt_part, sft, location, where)
     prompt = prompt_part.format(**values)
     response = (_value(record, sft.response_field, location, where, sft) + tail) if with_response else ""
     return Pair(prompt, response)
@@ -130,7 +143,7 @@ def _chat_messages(record: dict, sft: SFTConfig, location: str, where: str, with
                                  "with text in both (null or another type found).")
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     else:
-        values = {name: _value(record, name, location, where, sft) for name in template_fields(sft.user_template)}
+        values = _prompt_values(record, sft.user_template, sft, location, where)
         messages = [{"role": "user", "content": sft.user_template.format(**values)}]
         if with_response:
             messages.append({"role": "assistant",
