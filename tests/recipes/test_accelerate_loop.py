@@ -130,7 +130,10 @@ def test_one_process_loop_saves_a_model_transformers_loads(runs):
     # and the weights are the Trainer's
     ours, theirs = load_file(str(folder / "model.safetensors")), load_file(str(run / "model" / "model.safetensors"))
     assert ours.keys() == theirs.keys()
-    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) < 1e-5
+    # Summation-order noise passes through Adam's normalisation, so it grows with the steps: CI's CPU
+    # saw 1.04e-5 after 40 steps where this machine sees less. A different batch order or a missed
+    # update moves weights by about lr x steps (1e-2), three orders of magnitude above this bound.
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) < 1e-4
     assert not all(torch.equal(ours[k], torch.zeros_like(ours[k])) for k in ours)
 
 

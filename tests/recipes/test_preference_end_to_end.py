@@ -202,9 +202,10 @@ def recipe(world, task, name, model, **changes):
     tmp, _ = world
     r = {"task": task, "name": name, "model": {"name_or_path": str(model)},
          "data": {"train": {"path": str(tmp / "train.jsonl")}, "validation": {"path": str(tmp / "val.jsonl")}},
-         "preference": {"max_length": 64},
          "training": {"learning_rate": 3e-3, "batch_size": 16, "max_steps": 40, "logging_steps": 20,
                       "save_strategy": "no", "precision": "fp32", "seed": 1}}
+    if task != "sft":  # a recipe may only carry the sections its task reads
+        r["preference"] = {"max_length": 64}
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(with_changes(r, changes)))
     return path
