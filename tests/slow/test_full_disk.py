@@ -82,7 +82,7 @@ def test_a_full_disk_at_the_final_model_keeps_the_checkpoints_for_resume(tmp_pat
     assert "--resume" in message and (disk / ".run.partial" / "checkpoints").is_dir()
 
 
-def test_a_full_disk_during_export_and_tokenizer_training(tmp_path, small_disk):
+def test_a_full_disk_during_export_tokenizer_training_and_report(tmp_path, small_disk):
     cache = tmp_path / "cache"
     run = tmp_path / "run"
     assert lmtune("train", recipe(tmp_path, save_strategy="no"), "--output", run, cache=cache).returncode == 0
@@ -97,6 +97,10 @@ def test_a_full_disk_during_export_and_tokenizer_training(tmp_path, small_disk):
     proc = lmtune("tokenizer", "train", "--data", big, "--vocab-size", "30000", "--out", disk / "tok", cache=cache)
     assert_disk_full_sentence(proc)
     assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+    (disk / "filler").write_bytes(b"x" * (1024 * 1024 - 4096))  # no room for the page
+    proc = lmtune("report", run, "--out", disk / "page.html", cache=cache)
+    assert_disk_full_sentence(proc)
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # no half-written page, no temporary file
 
 
 def test_a_full_cache_disk_costs_speed_not_the_run(tmp_path, small_disk):
