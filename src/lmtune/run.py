@@ -17,11 +17,11 @@ import shutil
 import signal
 import socket
 import time
-import uuid
 import warnings
 from pathlib import Path
 
 from lmtune import distributed
+from lmtune.atomic import replace_folder
 from lmtune.config import RecipeConfig
 from lmtune.errors import InputError, NonFiniteError, StorageError, StoppedBySignal, storage_failure
 from lmtune.training.checkpoints import newest_complete_checkpoint
@@ -94,18 +94,7 @@ def open_work_dir(run_dir: Path, overwrite: bool, resume: bool) -> Path:
 
 def publish(work: Path, run_dir: Path) -> None:
     """Move the finished work dir into place; an existing run dir is replaced only after that."""
-    old = None
-    if run_dir.exists():
-        old = run_dir.with_name(f".{run_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        run_dir.rename(old)
-    try:
-        work.rename(run_dir)
-    except OSError:
-        if old is not None:
-            old.rename(run_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_folder(work, run_dir)
 
 
 def peak_rss_mb() -> float | None:
