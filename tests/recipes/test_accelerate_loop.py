@@ -20,8 +20,7 @@ import pytest
 
 from lmtune.cli import main
 
-from ..conftest import REPO, make_documents
-from .test_clm_end_to_end import tiny_recipe
+from ..helpers import REPO, make_documents, tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -15,8 +15,7 @@ from safetensors.torch import load_file
 
 from lmtune.cli import main
 
-from ..conftest import with_changes
-from ..unit.test_report import assert_report
+from ..helpers import assert_report, with_changes, write_jsonl
 
 FILLER = "the model reads data and trains a small network on text so loss goes down while the tokenizer".split()
 KEYWORDS = {"pos": ["excellent", "wonderful"], "neg": ["awful", "terrible"]}
@@ -32,11 +31,6 @@ def keyword_rows(n: int, seed: int) -> list[dict]:
         words.insert(rng.randrange(len(words) + 1), rng.choice(KEYWORDS[label]))
         rows.append({"text": " ".join(words), "label": label})
     return rows
-
-
-def write_jsonl(path, rows):
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

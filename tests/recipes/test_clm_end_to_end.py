@@ -14,8 +14,7 @@ import yaml
 
 from lmtune.cli import main
 
-from ..conftest import make_documents
-from ..unit.test_report import assert_report
+from ..helpers import assert_report, make_documents, tiny_recipe
 
 
 def tree_digest(root):
@@ -25,29 +24,6 @@ def tree_digest(root):
         if p.is_file():
             h.update(p.read_bytes())
     return h.hexdigest()
-
-
-def tiny_recipe(tmp, data, name="tiny", **changes):
-    recipe = {
-        "task": "clm",
-        "name": name,
-        "data": {"train": {"path": str(data), "text_field": "text"}, "block_size": 32, "validation_fraction": 0.1},
-        "tokenizer": {"train": True, "vocab_size": 400, "min_frequency": 1},
-        "model": {"from_scratch": {"n_layer": 2, "n_head": 2, "n_embd": 64}},
-        "loss": {"type": "keytoken", "keywords": ["model", " model", "zzzqqq"], "alpha": 1.0},
-        "training": {"learning_rate": 3e-3, "batch_size": 8, "max_steps": 60, "logging_steps": 10,
-                     "warmup_steps": 5, "save_steps": 30, "precision": "fp32", "seed": 1},
-        "generation": {"prompts": ["the model", "import numpy"], "max_new_tokens": 8},
-    }
-    for key, value in changes.items():
-        node = recipe
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from lmtune.errors import InputError
 from lmtune.hub import local_model_path
 from lmtune.tasks.sft import IGNORE, render_chat, tokenize_pairs
 
-from ..conftest import assert_one_sentence, chatml_tokenizer, fact_rows, save_tiny_llama_gguf, with_changes
+from ..helpers import assert_one_sentence, chatml_tokenizer, fact_rows, save_tiny_llama_gguf, with_changes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -349,7 +349,7 @@ def test_final_answers_are_read_with_the_recipes_pattern():
     from lmtune.config import load_recipe
     from lmtune.tasks.sft import final_answer
 
-    from ..conftest import REPO
+    from ..helpers import REPO
 
     gsm8k = re.compile(load_recipe(REPO / "recipes" / "sft-gsm8k-smollm2-lora.yaml").sft.answer_pattern, re.IGNORECASE)
     assert final_answer("She sold 48/2 = <<48/2=24>>24 clips.\n#### 1,072", gsm8k) == "1072"

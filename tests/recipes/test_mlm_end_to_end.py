@@ -5,36 +5,13 @@ plain `transformers.pipeline` and `lmtune predict`; and bad input that must stop
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import yaml
 
 from lmtune.cli import main
 
-from ..conftest import assert_one_sentence, with_changes
-from ..unit.test_report import assert_report
-
-# Four topics, each a cycle of six words; a document walks one topic's cycle from a random start. A
-# masked word is predictable from its context (the topic, then the neighbours), while a model that
-# learns only word frequencies stays near perplexity 24.
-TOPICS = {
-    "greek": "alpha beta gamma delta epsilon zeta".split(),
-    "colour": "red green blue yellow purple orange".split(),
-    "fruit": "apple banana cherry grape lemon mango".split(),
-    "number": "one two three four five six".split(),
-}
-
-
-def topic_documents(n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    docs = []
-    for _ in range(n):
-        words = rng.choice(list(TOPICS.values()))
-        start, length = rng.randrange(len(words)), rng.randint(8, 40)
-        docs.append(" ".join(words[(start + i) % len(words)] for i in range(length)))
-    return docs
-
+from ..helpers import TOPICS, assert_one_sentence, assert_report, mlm_recipe, topic_documents
 
 TOPIC_OF = {word: topic for topic, words in TOPICS.items() for word in words}
 
@@ -46,21 +23,6 @@ def write_recipe(tmp, name, recipe):
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
-
-
-def mlm_recipe(data, name="mlm-tiny", **changes):
-    recipe = {
-        "task": "mlm",
-        "name": name,
-        "data": {"train": {"path": str(data), "text_field": "text"}, "block_size": 32, "validation_fraction": 0.1},
-        "tokenizer": {"train": True, "vocab_size": 300, "min_frequency": 1},
-        "model": {"from_scratch": {"architecture": "bert", "n_layer": 2, "n_head": 2, "n_embd": 64}},
-        "mlm": {"last_chunk": "pad"},
-        "training": {"learning_rate": 3e-3, "batch_size": 16, "max_steps": 200, "logging_steps": 20,
-                     "warmup_steps": 10, "save_strategy": "no", "precision": "fp32", "seed": 1},
-        "generation": {"prompts": ["alpha beta [MASK] delta epsilon"]},
-    }
-    return with_changes(recipe, changes)
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,9 @@ import yaml
 
 from lmtune.cli import main
 
-from ..conftest import make_documents, save_tiny_gpt2, with_changes
+from ..helpers import make_documents, save_tiny_gpt2, with_changes, write_jsonl
 
 DOCS = make_documents(301, seed=5)  # odd counts everywhere: the processes' shares differ
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 @pytest.fixture(scope="module")

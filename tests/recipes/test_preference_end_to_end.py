@@ -27,8 +27,7 @@ from lmtune.tasks.preference import (
     tokenize_preference,
 )
 
-from ..conftest import assert_one_sentence, save_tiny_gpt2, with_changes
-from ..unit.test_report import assert_report
+from ..helpers import assert_one_sentence, assert_report, save_tiny_gpt2, with_changes, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -48,11 +47,6 @@ def dialogue_rows(n: int, seed: int) -> list[dict]:
         prompt = f"\n\nHuman: {rng.choice(QUESTIONS)}?\n\nAssistant:"
         rows.append({"chosen": f"{prompt} {rng.choice(POLITE)}", "rejected": f"{prompt} {rng.choice(RUDE)}"})
     return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def preference_cfg(task="reward", **preference):

@@ -14,8 +14,7 @@ import yaml
 
 from lmtune.cli import main
 
-from ..conftest import with_changes
-from ..unit.test_report import assert_report
+from ..helpers import assert_report, with_changes
 
 FILLER = "the model reads data and trains a small network on text so loss goes down while the tokenizer".split()
 FACTS = {  # kind: (values, question template, sentence template)

@@ -16,8 +16,7 @@ import torch
 from lmtune.cli import main
 from lmtune.tasks import clm
 
-from ..conftest import make_documents
-from .test_clm_end_to_end import tiny_recipe
+from ..helpers import make_documents, tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -190,7 +189,7 @@ def test_a_run_killed_at_a_random_step_and_resumed_ends_bitwise_identical(tmp_pa
 
     import yaml
 
-    from .test_mlm_end_to_end import mlm_recipe, topic_documents
+    from ..helpers import mlm_recipe, topic_documents
 
     data = tmp_path / "docs.jsonl"
     if task == "clm":

@@ -18,8 +18,7 @@ from lmtune.cli import main
 from lmtune.runs import list_runs, render_runs_table
 from lmtune.tasks import clm
 
-from ..conftest import make_documents
-from .test_clm_end_to_end import tiny_recipe
+from ..helpers import make_documents, tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

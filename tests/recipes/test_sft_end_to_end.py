@@ -22,8 +22,7 @@ from lmtune.tasks.sft import (
     tokenize_pairs,
 )
 
-from ..conftest import fact_rows, save_tiny_gpt2, with_changes
-from ..unit.test_report import assert_report
+from ..helpers import assert_report, fact_rows, save_tiny_gpt2, with_changes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

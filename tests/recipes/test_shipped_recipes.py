@@ -7,7 +7,7 @@ import pytest
 
 from lmtune.config import is_chain, load_chain, load_recipe, read_recipe_yaml
 
-from ..conftest import REPO
+from ..helpers import REPO
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 HUB_RECIPES = ["clm-eli5-distilgpt2.yaml", "clm-wikitext2-distilgpt2.yaml", "codeparrot-ds.yaml",

@@ -11,7 +11,7 @@ import pytest
 
 from lmtune.cli import main
 
-from ..conftest import REPO, SHARED_DATA
+from ..helpers import REPO, SHARED_DATA
 
 pytestmark = [
     pytest.mark.slow,

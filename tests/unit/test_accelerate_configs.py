@@ -17,7 +17,7 @@ from accelerate.commands.launch import _validate_launch_command, launch_command_
 from accelerate.utils import DistributedType
 from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
-from ..conftest import REPO
+from ..helpers import REPO
 
 CONFIGS = REPO / "accelerate_configs"
 EXPECTED = {

@@ -9,7 +9,7 @@ import yaml
 
 from lmtune.cli import main
 
-from ..conftest import assert_one_sentence, make_documents
+from ..helpers import assert_one_sentence, make_documents
 
 
 def base_recipe(data_path: str, **training) -> dict:

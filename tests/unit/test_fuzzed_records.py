@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from lmtune.config import validate_recipe
 from lmtune.errors import InputError
 
-from ..conftest import chatml_tokenizer, make_documents
+from ..helpers import chatml_tokenizer, make_documents
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-10**9, 10**9) | st.floats(allow_nan=True) | st.text(max_size=30),

@@ -11,7 +11,7 @@ import pytest
 
 from lmtune.cli import main
 from lmtune.tasks import clm
-from tests.conftest import WORDS, assert_one_sentence, save_tiny_gpt2
+from tests.helpers import WORDS, assert_one_sentence, save_tiny_gpt2
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from lmtune.cli import main
 from lmtune.errors import InputError
 
-from ..conftest import assert_one_sentence, make_documents, save_tiny_gpt2, with_changes
+from ..helpers import assert_one_sentence, make_documents, save_tiny_gpt2, with_changes
 
 DOCS = make_documents(60, seed=3)
 GOOD_JSONL = "".join(json.dumps({"text": d}) + "\n" for d in DOCS)

@@ -31,7 +31,7 @@ from lmtune.data.packing import (
 from lmtune.data.packing import _batches
 from lmtune.data.sources import fingerprint_texts
 
-from ..conftest import WORDS, make_documents
+from ..helpers import WORDS, make_documents
 
 EOS = 0
 

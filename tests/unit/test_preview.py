@@ -19,16 +19,12 @@ from lmtune.config import load_recipe
 from lmtune.preview import IGNORE, preview_rows, preview_stats, render_text, visible
 from lmtune.tasks import task_module
 
-from ..conftest import assert_one_sentence, make_documents, save_tiny_gpt2, with_changes
+from ..helpers import assert_one_sentence, make_documents, save_tiny_gpt2, with_changes, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 DOCS = make_documents(120, seed=11)
 ANSI = re.compile(r"\033\[[0-9;]*m")
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 @pytest.fixture(scope="module")

@@ -28,8 +28,8 @@ def test_a_training_run_without_a_terminal_prints_no_bar(tmp_path, capsys):
 
     from lmtune.cli import main
 
-    from ..conftest import make_documents
-    from ..recipes.test_clm_end_to_end import tiny_recipe
+    from ..helpers import make_documents
+    from ..helpers import tiny_recipe
 
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps({"text": d}) for d in make_documents(60, seed=1)) + "\n")

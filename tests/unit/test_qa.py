@@ -23,7 +23,7 @@ from lmtune.tasks.qa import (
 )
 from lmtune.tokenizer import train_tokenizer
 
-from ..conftest import WORDS
+from ..helpers import WORDS
 
 
 def synthetic_examples(n: int, seed: int, min_words: int = 20, max_words: int = 220) -> list[QAExample]:

@@ -4,8 +4,6 @@ tests), plus the partial, resumed and broken cases."""
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import json
 import re
@@ -17,10 +15,7 @@ import yaml
 from lmtune import report
 from lmtune.cli import main
 
-from ..conftest import assert_one_sentence
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
+from ..helpers import PNG_SIGNATURE, assert_metric_rows, assert_one_sentence, assert_valid_pngs, pngs
 
 # --------------------------------------------------------------------------------------------------
 # Run dirs as the pipeline leaves them
@@ -194,49 +189,6 @@ def make_run(folder, task="clm", metrics=True, log=None, config_extra=None, **fi
     for name, content in files.items():
         (folder / name.replace("_json", ".json")).write_text(json.dumps(content))
     return folder
-
-
-def pngs(page: str) -> list[bytes]:
-    return [base64.b64decode(b) for b in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)]
-
-
-def assert_valid_pngs(page: str, at_least: int) -> list[tuple[int, int]]:
-    from PIL import Image
-
-    images = pngs(page)
-    assert len(images) >= at_least, len(images)
-    sizes = []
-    for data in images:
-        assert data.startswith(PNG_SIGNATURE)
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()  # decodes every pixel: a truncated file fails here
-            assert im.format == "PNG"
-            assert 300 <= im.width <= 2000 and 200 <= im.height <= 2000, im.size
-            assert len(set(im.convert("L").getdata())) > 10  # drawn on, not a blank canvas
-            sizes.append(im.size)
-    return sizes
-
-
-def assert_metric_rows(page: str, before: dict, after: dict, keys) -> None:
-    """The metrics table has a row per key with its before and after values as the page formats them."""
-    for key in keys:
-        row = re.search(rf"<tr><td>{re.escape(report.metric_label(key))}</td>(.*?)</tr>", page)
-        assert row, key
-        cells = re.findall(r"<td class=n>(.*?)</td>", row.group(1))
-        assert cells[:2] == [report.format_number(before[key]), report.format_number(after[key])], (key, cells)
-
-
-def assert_report(run, keys, *texts, plots: int = 4) -> str:
-    """For the end-to-end tests: the report.html a real run left holds the metrics of its metrics.json
-    (before and after), the given texts (escaped as the page shows them) and at least `plots` valid PNGs."""
-    page = (run / "report.html").read_text(encoding="utf-8")
-    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
-    assert_metric_rows(page, metrics["before"], metrics["after"], keys)
-    for text in texts:
-        assert html.escape(text) in page, text
-    assert_valid_pngs(page, plots)
-    assert 'class="badge finished"' in page
-    return page
 
 
 # --------------------------------------------------------------------------------------------------

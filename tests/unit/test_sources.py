@@ -28,6 +28,8 @@ from lmtune.data.sources import (
 )
 from lmtune.errors import InputError
 
+from ..helpers import write_jsonl
+
 WHERE = "data.train"
 
 
@@ -47,11 +49,6 @@ def error_of(path, **kw) -> str:
     assert message == info.value.message and "\n" not in message  # one sentence
     assert message.startswith(WHERE)  # says which source
     return message
-
-
-def write_jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 def write_csv(path: Path, rows, delimiter=",") -> Path:

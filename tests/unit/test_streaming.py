@@ -25,7 +25,7 @@ from lmtune.data.sources import load_corpus
 from lmtune.data.streaming import SNAPSHOT_EVERY, DocumentStream, first_bytes
 from lmtune.errors import InputError
 
-from ..conftest import make_documents, with_changes
+from ..helpers import make_documents, with_changes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -42,7 +42,7 @@ def documents(n: int, seed: int) -> list[str]:
     return make_documents(n, seed=seed, min_words=1, max_words=70)
 
 
-def write_jsonl(path: Path, docs: list[str]) -> Path:
+def write_numbered_docs(path: Path, docs: list[str]) -> Path:
     lines = (json.dumps({"id": i, "part": i % 2, "text": t}) + "\n" for i, t in enumerate(docs))
     path.write_text("".join(lines), encoding="utf-8")
     return path
@@ -98,9 +98,9 @@ def make_source(kind: str, folder: Path, n: int = 160, seed: int = 0) -> tuple[S
     docs = documents(n, seed)
     factory = None
     if kind == "jsonl":
-        src = SourceConfig(path=str(write_jsonl(folder / "d.jsonl", docs)))
+        src = SourceConfig(path=str(write_numbered_docs(folder / "d.jsonl", docs)))
     elif kind == "jsonl.gz":
-        src = SourceConfig(path=str(gzip_copy(write_jsonl(folder / "d.jsonl", docs))))
+        src = SourceConfig(path=str(gzip_copy(write_numbered_docs(folder / "d.jsonl", docs))))
     elif kind == "txt-line":
         src = SourceConfig(path=str(write_lines(folder / "d.txt", docs)), txt_unit="line")
     elif kind == "txt.gz-line":
@@ -120,14 +120,14 @@ def make_source(kind: str, folder: Path, n: int = 160, seed: int = 0) -> tuple[S
         pq.write_table(pa.table({"text": docs, "n": list(range(n))}), folder / "d.parquet", row_group_size=23)
         src = SourceConfig(path=str(folder / "d.parquet"))
     elif kind == "several-files":  # a glob over jsonl, gzipped jsonl and txt
-        write_jsonl(folder / "a.jsonl", docs[: n // 3])
-        gzip_copy(write_jsonl(folder / "b.jsonl", docs[n // 3 : 2 * n // 3]))
-        write_jsonl(folder / "c.jsonl", docs[2 * n // 3 :])
+        write_numbered_docs(folder / "a.jsonl", docs[: n // 3])
+        gzip_copy(write_numbered_docs(folder / "b.jsonl", docs[n // 3 : 2 * n // 3]))
+        write_numbered_docs(folder / "c.jsonl", docs[2 * n // 3 :])
         src = SourceConfig(path=[str(folder / "*.jsonl"), str(folder / "*.jsonl.gz")])
     elif kind == "keywords":
-        src = SourceConfig(path=str(write_jsonl(folder / "d.jsonl", docs)), keywords=["model", "numpy"])
+        src = SourceConfig(path=str(write_numbered_docs(folder / "d.jsonl", docs)), keywords=["model", "numpy"])
     elif kind == "match-max-documents":
-        src = SourceConfig(path=str(write_jsonl(folder / "d.jsonl", docs)), match={"part": 0},
+        src = SourceConfig(path=str(write_numbered_docs(folder / "d.jsonl", docs)), match={"part": 0},
                            max_documents=n // 2 - 5)
     elif kind == "hub":
         import datasets
@@ -285,7 +285,7 @@ def test_files_are_read_in_a_new_order_each_epoch(tmp_path, tiny_tokenizer):
     folder = tmp_path / "many"
     folder.mkdir()
     for i in range(8):
-        write_jsonl(folder / f"part{i}.jsonl", documents(20, seed=i))
+        write_numbered_docs(folder / f"part{i}.jsonl", documents(20, seed=i))
     src = SourceConfig(path=str(folder))
     stream = stream_of(src, shuffle_files=True, seed=5)
     orders = [stream.file_order(e).tolist() for e in range(3)]
@@ -384,7 +384,7 @@ def test_dataloader_workers_are_refused(tmp_path, tiny_tokenizer):
 
 
 def test_a_stream_without_a_full_block_is_refused(tmp_path, tiny_tokenizer):
-    path = write_jsonl(tmp_path / "d.jsonl", ["tiny"])
+    path = write_numbered_docs(tmp_path / "d.jsonl", ["tiny"])
     ds = StreamingBlockDataset(stream_of(SourceConfig(path=str(path))), tiny_tokenizer, 64, "concat",
                                shuffle_buffer=8, epochs=None)
     with pytest.raises(InputError, match="no full block of 64 tokens"):
@@ -426,7 +426,7 @@ def test_first_bytes_stops_at_the_budget():
 def test_tokenizer_trained_on_a_stream_reads_only_its_byte_budget(tmp_path):
     from lmtune.tasks.clm import stream_tokenizer
 
-    data = write_jsonl(tmp_path / "d.jsonl", documents(2000, seed=4))
+    data = write_numbered_docs(tmp_path / "d.jsonl", documents(2000, seed=4))
     budget = 20_000
     cfg = validate_recipe(streaming_recipe(data, **{"tokenizer.max_training_bytes": budget}))
     stream = stream_of(cfg.data.train, shuffle_files=True, seed=cfg.training.seed)
@@ -448,14 +448,14 @@ def test_tokenizer_trained_on_a_stream_reads_only_its_byte_budget(tmp_path):
 def test_streaming_refuses_dataloader_workers(tmp_path):
     from lmtune.tasks.clm import prepare_streaming
 
-    data = write_jsonl(tmp_path / "d.jsonl", documents(50, seed=4))
+    data = write_numbered_docs(tmp_path / "d.jsonl", documents(50, seed=4))
     cfg = validate_recipe(streaming_recipe(data, **{"training.dataloader_num_workers": 2}))
     with pytest.raises(InputError, match="dataloader_num_workers: 0"):
         prepare_streaming(cfg)
 
 
 def test_streaming_training_with_a_tokenizer_trained_on_the_stream(tmp_path):
-    data = write_jsonl(tmp_path / "d.jsonl", make_documents(400, seed=7))
+    data = write_numbered_docs(tmp_path / "d.jsonl", make_documents(400, seed=7))
     recipe = streaming_recipe(data, **{"tokenizer.max_training_bytes": 30_000})
     path = tmp_path / "stream.yaml"
     path.write_text(yaml.safe_dump(recipe))

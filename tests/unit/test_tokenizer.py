@@ -11,7 +11,7 @@ from lmtune.cli import main
 from lmtune.errors import InputError
 from lmtune.tokenizer import EOS_TOKEN, PAD_TOKEN, train_bpe_tokenizer
 
-from ..conftest import make_documents
+from ..helpers import make_documents
 
 
 def test_trained_tokenizer_round_trips_and_loads(tmp_path):
