@@ -51,3 +51,21 @@ def test_keytoken_ids_keeps_single_tokens_and_reports_the_rest(tiny_tokenizer):
     single = tiny_tokenizer("model", add_special_tokens=False)["input_ids"]
     assert single[0] in ids and len(single) == 1
     assert "xqzv" in skipped
+
+
+def test_evaluation_passes_are_capped_by_the_size_of_their_logits():
+    """A big vocabulary splits an evaluation batch into smaller passes; a small one keeps the whole batch."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lmtune.training.losses import EVAL_LOGITS_ELEMENTS, eval_rows
+
+    small = GPT2LMHeadModel(GPT2Config(vocab_size=400, n_embd=16, n_layer=1, n_head=2, n_positions=64))
+    assert eval_rows(small, 16, 64) == 16
+    big = GPT2LMHeadModel(GPT2Config(vocab_size=262_144, n_embd=8, n_layer=1, n_head=2, n_positions=256))
+    rows = eval_rows(big, 4, 256)
+    assert rows == 1 and rows * 256 * 262_144 <= EVAL_LOGITS_ELEMENTS
+    assert eval_rows(big, 4, 10**6) == 1  # never zero rows
+    from peft import LoraConfig, get_peft_model
+
+    wrapped = get_peft_model(big, LoraConfig(r=2, target_modules=["c_attn"], task_type="CAUSAL_LM"))
+    assert eval_rows(wrapped, 4, 256) == 1  # through peft's wrapper too

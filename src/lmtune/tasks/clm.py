@@ -37,7 +37,7 @@ from lmtune.tasks.common import (
     tokenizer_style,
 )
 from lmtune.tokenizer import train_tokenizer
-from lmtune.training.losses import keytoken_ids
+from lmtune.training.losses import eval_rows, keytoken_ids
 
 log = logging.getLogger("lmtune")
 
@@ -209,6 +209,7 @@ def evaluate(model, blocks: np.ndarray, batch_size: int = 16) -> dict:
     total_loss = 0.0
     total_tokens = 0
     mine = distributed.shard(len(blocks))
+    batch_size = eval_rows(model, batch_size, blocks.shape[1])
     for start in progress(range(mine.start, mine.stop, batch_size), "evaluating", unit="batches"):
         ids = torch.as_tensor(np.asarray(blocks[start : min(start + batch_size, mine.stop)], dtype=np.int64),
                               device=device)

@@ -39,6 +39,7 @@ from lmtune.config import RecipeConfig, load_yaml, validate_recipe
 from lmtune.data.sources import load_records, required_field
 from lmtune.errors import InputError
 from lmtune.progress import progress
+from lmtune.training.losses import eval_rows
 from lmtune.hub import run_model_folder
 from lmtune.modeling import build_or_load, check_block_size, check_pretrained_head
 from lmtune.tasks.common import Prepared, get_tokenizer, load_model_for, seeded_subset
@@ -418,6 +419,7 @@ def reply_logps(model, features: list[dict], key: str, pad_id: int, batch_size: 
     device = next(model.parameters()).device
     out = np.zeros(len(features))
     order = np.argsort([len(f["prompt_ids"]) + len(f[key]) for f in features], kind="stable")
+    batch_size = eval_rows(model, batch_size, max((len(f["prompt_ids"]) + len(f[key]) for f in features), default=1))
     for b in progress(range(0, len(order), batch_size), "scoring", unit="batches"):
         idx = order[b : b + batch_size]
         rows = [features[i]["prompt_ids"] + features[i][key] for i in idx]

@@ -31,6 +31,7 @@ from lmtune.config import RecipeConfig, SFTConfig
 from lmtune.data.sources import load_records, required_field
 from lmtune.errors import InputError
 from lmtune.progress import progress
+from lmtune.training.losses import eval_rows
 from lmtune.metrics import perplexity
 from lmtune.modeling import build_or_load, check_block_size, check_pretrained_head
 from lmtune.tasks.common import FeatureDataset, Prepared, get_tokenizer, load_model_for, seeded_subset
@@ -358,6 +359,7 @@ def evaluate(model, features: list[dict], pad_id: int, batch_size: int = 16) -> 
     order = np.argsort([len(f["input_ids"]) for f in features], kind="stable")
     mine = distributed.shard(len(order))  # each process its share of the (length-sorted) examples
     order = order[mine.start : mine.stop]
+    batch_size = eval_rows(model, batch_size, max((len(f["input_ids"]) for f in features), default=1))
     for b in progress(range(0, len(order), batch_size), "evaluating", unit="batches"):
         batch = {k: v.to(device) for k, v in collate([features[i] for i in order[b : b + batch_size]]).items()}
         labels = batch.pop("labels")[:, 1:]

@@ -144,3 +144,19 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     chunk_rows = max(1, LOGITS_CHUNK_ELEMENTS // weight.shape[0])
     return _LinearCrossEntropy.apply(hidden.reshape(-1, d).index_select(0, keep), weight, targets[keep],
                                      token_weights.reshape(-1)[keep].float(), chunk_rows)
+
+
+# Evaluation holds one pass's logits ([rows x length x vocabulary] floats) and as much again for their
+# log-softmax. With Gemma 3's 262,144-token vocabulary, 4 rows of 256 tokens are 1 GiB each: the process's
+# peak sat in evaluation, 2.8 GB above training's own with the fused loss (benchmarks/README.md,
+# gemma3_fused_loss). A pass holds at most this many logits (256 MiB in fp32); small vocabularies and
+# short rows keep their whole batch.
+EVAL_LOGITS_ELEMENTS = 2**26
+
+
+def eval_rows(model, batch_size: int, length: int) -> int:
+    """Rows per evaluation pass for rows of `length` tokens: `batch_size`, fewer where their logits
+    would exceed EVAL_LOGITS_ELEMENTS."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    width = head.weight.shape[0] if isinstance(head, torch.nn.Linear) else getattr(model.config, "vocab_size", 1)
+    return max(1, min(batch_size, EVAL_LOGITS_ELEMENTS // max(1, length * width)))
