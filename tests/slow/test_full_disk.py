@@ -75,9 +75,9 @@ def test_a_full_disk_at_the_first_checkpoint_leaves_nothing_in_the_way(tmp_path,
 
 
 def test_a_full_disk_at_the_final_model_keeps_the_checkpoints_for_resume(tmp_path, small_disk):
-    disk = small_disk(95)  # two checkpoints (~40 MB each, the older pruned) fit; the final model does not
+    disk = small_disk(48)  # the one checkpoint, at the last step (~40 MB), fits; the final model (13 MB) does not
     cache = tmp_path / "cache"
-    proc = lmtune("train", recipe(tmp_path, save_total_limit=1), "--output", disk / "run", cache=cache)
+    proc = lmtune("train", recipe(tmp_path, save_steps=4), "--output", disk / "run", cache=cache)
     message = assert_disk_full_sentence(proc)
     assert "--resume" in message and (disk / ".run.partial" / "checkpoints").is_dir()
 

@@ -30,3 +30,14 @@ def test_full_disk_is_recognised_through_wrappers_and_causes():
     looped = ValueError("a")
     looped.__context__ = looped
     assert storage_failure(looped) is None
+
+
+def test_a_write_error_without_the_os_words_counts_as_a_full_disk_only_where_no_room_is_left(tmp_path):
+    """torch.save's writer says "iostream error" / "unexpected pos" on a full disk (tests/slow/test_full_disk.py
+    fills a real tmpfs); on a file system with room the same error is not blamed on the disk."""
+    from lmtune.errors import NEARLY_FULL_BYTES, free_bytes
+
+    assert free_bytes(tmp_path / "not" / "yet" / "made") > NEARLY_FULL_BYTES  # its nearest existing parent
+    error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 7176576 vs 7176468")
+    assert storage_failure(error, written_to=tmp_path) is None
+    assert storage_failure(ValueError("not a write"), written_to=tmp_path) is None

@@ -16,6 +16,7 @@ import torch
 
 from lmtune.config import RecipeConfig
 from lmtune.data.packing import cache_root
+from lmtune.errors import storage_failure
 from lmtune.data.sources import Corpus, SourceStats, fingerprint_texts, load_corpus, split_train_validation
 from lmtune.progress import on_terminal
 from lmtune.tokenizer import load_tokenizer, train_tokenizer
@@ -115,8 +116,11 @@ def cached_tokenizer(key_text: str, train: Callable[[], Any], what: str):
     try:
         tokenizer.save_pretrained(str(tmp))
         tmp.replace(cached)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # caching is an optimisation; training goes on
+    except Exception as exc:  # the tokenizers library reports a full disk in its own exception type
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(exc, OSError) and storage_failure(exc) is None:
+            raise
+        log.warning("tokenizer: not cached (%s); the run goes on", str(exc).splitlines()[0][:120])
     return tokenizer
 
 

@@ -218,8 +218,8 @@ def reliable(trainer_class: type[Trainer]) -> type[Trainer]:
             try:
                 self._stage_and_publish(model, trial, real, staging)
             except Exception as exc:  # torch's writer and safetensors wrap the OS error in their own types
+                refused = storage_failure(exc, written_to=staging)  # before the partial files are removed
                 shutil.rmtree(staging, ignore_errors=True)
-                refused = storage_failure(exc)
                 if refused is None:
                     raise
                 raise StorageError(f"{refused}: saving the checkpoint of step {self.state.global_step} in {real} "
