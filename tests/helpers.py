@@ -121,6 +121,11 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
+def write_text_records(path: Path, texts) -> Path:
+    """Documents as {"text": ...} records, one per line: the corpus file most recipes in the tests read."""
+    return write_jsonl(path, ({"text": t} for t in texts))
+
+
 # --------------------------------------------------------------------------------------------------
 # Recipes of the end-to-end tests
 

@@ -20,7 +20,7 @@ import pytest
 
 from lmtune.cli import main
 
-from ..helpers import REPO, make_documents, tiny_recipe
+from ..helpers import REPO, make_documents, tiny_recipe, write_text_records
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -61,7 +61,7 @@ def final_eval(records) -> dict:
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("loop")
     data = tmp / "docs.jsonl"
-    data.write_text("\n".join(json.dumps({"text": d}) for d in make_documents(400, seed=7)) + "\n")
+    write_text_records(data, make_documents(400, seed=7))
     recipe = tiny_recipe(tmp, data, name="loop", **{
         "data.max_train_blocks": 120, "data.max_validation_blocks": VALIDATION_BLOCKS,
         "model.from_scratch.dropout": 0.0,

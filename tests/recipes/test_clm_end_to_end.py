@@ -14,7 +14,7 @@ import yaml
 
 from lmtune.cli import main
 
-from ..helpers import assert_report, make_documents, tiny_recipe
+from ..helpers import assert_report, make_documents, tiny_recipe, write_text_records
 
 
 def tree_digest(root):
@@ -30,7 +30,7 @@ def tree_digest(root):
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     data = tmp / "docs.jsonl"
-    data.write_text("\n".join(json.dumps({"text": d}) for d in make_documents(300, seed=7)) + "\n")
+    write_text_records(data, make_documents(300, seed=7))
     recipe = tiny_recipe(tmp, data)
     run = tmp / "runs" / "tiny"
     assert main(["train", str(recipe), "--output", str(run)]) == 0

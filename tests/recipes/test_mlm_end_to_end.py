@@ -11,7 +11,8 @@ import yaml
 
 from lmtune.cli import main
 
-from ..helpers import TOPICS, assert_one_sentence, assert_report, mlm_recipe, topic_documents
+from ..helpers import (TOPICS, assert_one_sentence, assert_report, mlm_recipe, topic_documents,
+                       write_text_records)
 
 TOPIC_OF = {word: topic for topic, words in TOPICS.items() for word in words}
 
@@ -29,7 +30,7 @@ def write_recipe(tmp, name, recipe):
 def corpus(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mlm-e2e")
     data = tmp / "docs.jsonl"
-    data.write_text("\n".join(json.dumps({"text": d}) for d in topic_documents(400, seed=5)) + "\n")
+    write_text_records(data, topic_documents(400, seed=5))
     return tmp, data
 
 

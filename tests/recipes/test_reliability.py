@@ -16,14 +16,14 @@ import torch
 from lmtune.cli import main
 from lmtune.tasks import clm
 
-from ..helpers import make_documents, tiny_recipe
+from ..helpers import make_documents, tiny_recipe, write_text_records
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def docs_file(tmp_path):
     data = tmp_path / "docs.jsonl"
-    data.write_text("\n".join(json.dumps({"text": d}) for d in make_documents(200, seed=7)) + "\n")
+    write_text_records(data, make_documents(200, seed=7))
     return data
 
 
@@ -193,17 +193,17 @@ def test_a_run_killed_at_a_random_step_and_resumed_ends_bitwise_identical(tmp_pa
 
     data = tmp_path / "docs.jsonl"
     if task == "clm":
-        data.write_text("\n".join(json.dumps({"text": d}) for d in make_documents(200, seed=7)) + "\n")
+        write_text_records(data, make_documents(200, seed=7))
         recipe = tiny_recipe(tmp_path, data, **{"training.save_steps": 1, "training.max_steps": 16,
                                                 "training.logging_steps": 1, "generation.prompts": []})
     elif task == "clm-stream":
-        data.write_text("\n".join(json.dumps({"text": d}) for d in make_documents(200, seed=7)) + "\n")
+        write_text_records(data, make_documents(200, seed=7))
         recipe = tiny_recipe(tmp_path, data, **{
             "training.save_steps": 1, "training.max_steps": 16, "training.logging_steps": 1,
             "generation.prompts": [], "data.train": {"path": str(data), "streaming": True},
             "data.validation": {"path": str(data), "max_documents": 20}, "data.shuffle_buffer": 24})
     else:  # random masking and dropout: the RNG state must come back too
-        data.write_text("\n".join(json.dumps({"text": d}) for d in topic_documents(200, seed=5)) + "\n")
+        write_text_records(data, topic_documents(200, seed=5))
         recipe = tmp_path / "mlm.yaml"
         recipe.write_text(yaml.safe_dump(mlm_recipe(data, **{
             "training.save_strategy": "steps", "training.save_steps": 1, "training.max_steps": 16,

@@ -18,7 +18,7 @@ from lmtune.cli import main
 from lmtune.runs import list_runs, render_runs_table
 from lmtune.tasks import clm
 
-from ..helpers import make_documents, tiny_recipe
+from ..helpers import make_documents, tiny_recipe, write_text_records
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     path = tmp_path_factory.mktemp("runs-data") / "docs.jsonl"
-    path.write_text("\n".join(json.dumps({"text": d}) for d in make_documents(200, seed=7)) + "\n")
+    write_text_records(path, make_documents(200, seed=7))
     return path
 
 

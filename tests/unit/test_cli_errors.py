@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import yaml
 
 from lmtune.cli import main
 
-from ..helpers import assert_one_sentence, make_documents
+from ..helpers import assert_one_sentence, make_documents, write_text_records
 
 
 def base_recipe(data_path: str, **training) -> dict:
@@ -26,7 +24,7 @@ def base_recipe(data_path: str, **training) -> dict:
 @pytest.fixture
 def docs(tmp_path):
     path = tmp_path / "docs.jsonl"
-    path.write_text("\n".join(json.dumps({"text": d}) for d in make_documents(40, seed=2)) + "\n")
+    write_text_records(path, make_documents(40, seed=2))
     return path
 
 
@@ -133,7 +131,7 @@ def finished(tmp_path_factory):
     """A finished run dir of a tiny causal LM, and its training data."""
     tmp = tmp_path_factory.mktemp("writers")
     data = tmp / "docs.jsonl"
-    data.write_text("\n".join(json.dumps({"text": d}) for d in make_documents(40, seed=2)) + "\n")
+    write_text_records(data, make_documents(40, seed=2))
     recipe = tmp / "r.yaml"
     recipe.write_text(yaml.safe_dump(base_recipe(str(data))))
     assert main(["train", str(recipe), "--output", str(tmp / "run")]) == 0

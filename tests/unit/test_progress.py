@@ -24,15 +24,13 @@ def test_a_quick_step_says_nothing_and_weights_count_units(caplog):
 
 
 def test_a_training_run_without_a_terminal_prints_no_bar(tmp_path, capsys):
-    import json
-
     from lmtune.cli import main
 
-    from ..helpers import make_documents
+    from ..helpers import make_documents, write_text_records
     from ..helpers import tiny_recipe
 
     data = tmp_path / "d.jsonl"
-    data.write_text("\n".join(json.dumps({"text": d}) for d in make_documents(60, seed=1)) + "\n")
+    write_text_records(data, make_documents(60, seed=1))
     recipe = tiny_recipe(tmp_path, data, **{"training.max_steps": 3, "training.save_strategy": "no",
                                             "generation.prompts": []})
     assert main(["train", str(recipe), "--output", str(tmp_path / "run")]) == 0
