@@ -7,6 +7,7 @@ import base64
 import html
 import io
 import json
+import os
 import random
 import re
 from pathlib import Path
@@ -16,7 +17,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-SHARED_DATA = REPO.parent / "shared" / "data"
+# The real data of the slow tests: ../shared/data beside the repository, or the folder LMTUNE_SHARED_DATA names.
+SHARED_DATA = Path(os.environ.get("LMTUNE_SHARED_DATA") or REPO.parent / "shared" / "data")
 
 
 WORDS = (

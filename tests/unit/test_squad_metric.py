@@ -1,7 +1,4 @@
-import gzip
-import json
 import math
-from pathlib import Path
 
 import pytest
 
@@ -12,9 +9,6 @@ from lmtune.metrics import (
     squad_gold_answers,
     squad_scores,
 )
-
-SQUAD_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "squad_v1.1"
-
 
 # --- normalisation -------------------------------------------------------------
 
@@ -152,42 +146,3 @@ def test_gold_answers_from_official_json_and_data_list():
     expected = {"a": ["x", "y z"], "b": [], "c": ["w"]}
     assert squad_gold_answers(dataset) == expected
     assert squad_gold_answers(dataset["data"]) == expected
-
-
-# --- real SQuAD v1.1 dev set against the official script's numbers --------------
-
-
-def _load_gz_json(path: Path):
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        return json.load(fh)
-
-
-@pytest.fixture(scope="module")
-def dev_gold() -> dict[str, list[str]]:
-    path = SQUAD_DIR / "dev-v1.1.json.gz"
-    if not path.is_file():
-        pytest.skip(f"SQuAD v1.1 dev set not found at {path}: the official-figure checks need the shared data "
-                    "folder beside the repository (../shared/data, see its README)")
-    return squad_gold_answers(_load_gz_json(path))
-
-
-def _load_predictions(name: str) -> dict[str, str]:
-    path = SQUAD_DIR / name
-    if not path.is_file():
-        pytest.skip(f"SQuAD prediction file not found at {path}: the official-figure checks need the shared data "
-                    "folder beside the repository (../shared/data, see its README)")
-    return _load_gz_json(path)
-
-
-def test_official_numbers_bert_ensemble(dev_gold):
-    result = squad_scores(dev_gold, _load_predictions("pred_bert_ensemble_google.json.gz"))
-    assert result["exact_match"] == pytest.approx(86.20624408703878, abs=1e-9)
-    assert result["f1"] == pytest.approx(92.19557978351145, abs=1e-9)
-
-
-def test_official_numbers_logreg_baseline(dev_gold):
-    result = squad_scores(dev_gold, _load_predictions("pred_logreg_baseline_stanford.json.gz"))
-    assert result["exact_match"] == pytest.approx(40.14191106906339, abs=1e-9)
-    assert result["f1"] == pytest.approx(50.98153647324461, abs=1e-9)
-    assert result["missing"] == 13
-    assert result["unknown_ids"] == 28
