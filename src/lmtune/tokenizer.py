@@ -35,7 +35,7 @@ def _bounded(texts: Iterable[str], max_bytes: int | None) -> Iterator[str]:
 
 
 def _core_and_trainer(style: str, vocab_size: int, min_frequency: int, show_progress: bool):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     if style == "bert":
         core = Tokenizer(models.WordPiece(unk_token=BERT_SPECIALS["unk_token"]))
