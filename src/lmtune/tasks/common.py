@@ -16,8 +16,8 @@ import torch
 
 from lmtune.config import RecipeConfig
 from lmtune.data.packing import cache_root
-from lmtune.errors import storage_failure
 from lmtune.data.sources import Corpus, SourceStats, fingerprint_texts, load_corpus, split_train_validation
+from lmtune.errors import storage_failure
 from lmtune.progress import on_terminal
 from lmtune.tokenizer import load_tokenizer, train_tokenizer
 
@@ -117,8 +117,10 @@ def cached_tokenizer(key_text: str, train: Callable[[], Any], what: str):
         tokenizer.save_pretrained(str(tmp))
         tmp.replace(cached)
     except Exception as exc:  # the tokenizers library reports a full disk in its own exception type
+        # judged before the partial files go, as for checkpoints (engine.py): the room left is part of the evidence
+        full = isinstance(exc, OSError) or storage_failure(exc, written_to=tmp) is not None
         shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(exc, OSError) and storage_failure(exc) is None:
+        if not full:
             raise
         log.warning("tokenizer: not cached (%s); the run goes on", str(exc).splitlines()[0][:120])
     return tokenizer
